@@ -1,0 +1,221 @@
+"""Configs: pydantic models loaded from YAML with ``key=value`` overrides.
+
+An invalid config fails before any work starts, with one line per problem naming the field,
+the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Strict):
+    """How to reach object storage (also settable by CLOUDBURST_ENDPOINT_URL / CLOUDBURST_ANON)."""
+
+    endpoint_url: str | None = None
+    anon: bool | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyntheticConfig(Strict):
+    """The stochastic precipitation generator behind the embedded default dataset."""
+
+    ny: int = Field(48, ge=4, le=4096)
+    nx: int = Field(48, ge=4, le=4096)
+    nt: int = Field(1460, ge=1)
+    freq: Literal["1D", "1h"] = "1D"
+    start: str = "2001-01-01"
+    resolution_deg: float = Field(0.05, gt=0)
+    center_lat: float = Field(20.5, ge=-90, le=90)
+    center_lon: float = Field(75.5, ge=-180, le=360)
+    seed: int = 0
+    wet_fraction: float = Field(0.3, gt=0, lt=1)
+    seasonal_amplitude: float = Field(0.6, ge=0, le=1)
+    spectral_slope: float = Field(3.0, gt=0)
+    persistence: float = Field(0.7, ge=0, lt=1)
+    advection: tuple[float, float] = (0.6, 1.1)
+    gamma_shape: float = Field(0.7, gt=0)
+    gamma_scale: float = Field(8.0, gt=0)
+    tail_quantile: float = Field(0.95, gt=0, lt=1)
+    tail_shape: float = Field(0.2, ge=0, lt=1)
+
+
+class IngestConfig(Strict):
+    """From a source archive (or the synthetic generator) to an analysis-ready Zarr store."""
+
+    source: str | None = Field(None, description="archive URL; None generates synthetic data")
+    target: str = "outputs/demo/precip.zarr"
+    variable: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    coarsen: int = Field(1, ge=1)
+    chunks: dict[str, int] | None = None
+    bins: int = Field(100, ge=2)
+    time_start: str | None = None
+    time_end: str | None = None
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_ordered(
+        cls, v: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
+        if v is not None and (v[0] >= v[2] or v[1] >= v[3]):
+            raise ValueError("bbox must be W,S,E,N with W < E and S < N")
+        return v
+
+    @field_validator("chunks")
+    @classmethod
+    def _chunk_dims(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None:
+            bad = sorted(set(v) - {"time", "y", "x"})
+            if bad:
+                raise ValueError(f"chunk dimensions must be among time, y, x (got {bad})")
+            if any(int(n) < 1 for n in v.values()):
+                raise ValueError("chunk sizes must be >= 1")
+        return v
+
+
+class WindowConfig(Strict):
+    """Which (time, y, x) windows make samples."""
+
+    length: int = Field(8, ge=1, description="time steps per window")
+    size: int = Field(32, ge=1, description="pixels per side")
+    stride: int = Field(8, ge=1, description="spatial stride in pixels")
+    time_stride: int = Field(1, ge=1)
+    doy: tuple[int, int] | None = Field(None, description="day-of-year range, e.g. (150, 300)")
+    max_nan_fraction: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("doy")
+    @classmethod
+    def _doy_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (1 <= v[0] <= 366 and 1 <= v[1] <= 366):
+            raise ValueError("day-of-year bounds must lie in 1..366")
+        return v
+
+
+class SplitConfig(Strict):
+    """How windows are split into train / validation / test."""
+
+    scheme: Literal["years", "seasons", "none"] = "seasons"
+    train_years: tuple[int, int] | None = None
+    test_years: tuple[int, int] | None = None
+    every: int = Field(5, ge=2, description="seasons scheme: every n-th season goes to test")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _years_given(self) -> SplitConfig:
+        if self.scheme == "years" and (self.train_years is None or self.test_years is None):
+            raise ValueError("scheme 'years' needs train_years and test_years, e.g. [1981, 2010]")
+        return self
+
+
+class LoaderConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    cache_blocks: int = Field(8, ge=2, description="decoded chunks kept in memory per process")
+    shuffle_buffer_blocks: int = Field(4, ge=1)
+
+
+class DataConfig(Strict):
+    """A training dataset: an ingested store and how to cut it into samples."""
+
+    store: str = "outputs/demo/precip.zarr"
+    windows: WindowConfig = Field(default_factory=WindowConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    scaling: Literal["unit", "symmetric"] = "unit"
+    transform: Literal["none", "sqrt"] = "none"
+
+
+class DemoConfig(Strict):
+    """The main job on embedded defaults: synthetic data, local store, summary."""
+
+    name: str = "demo"
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML: numbers, lists, null...)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. bins=64)")
+        key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override '{item}' has an empty key")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _describe(errors: list[dict[str, Any]], source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in errors:
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        given = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling and section)"
+        elif err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            msg = f"allowed: {allowed}"
+        lines.append(f"  - {field}: got {given!r}; {msg}")
+    return "\n".join(lines)
+
+
+def validate(cls: type[M], tree: dict[str, Any], source: str = "config") -> M:
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors(), source)) from None
+
+
+def load_config(
+    cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None
+) -> M:
+    """Load ``cls`` from a YAML file (or its defaults if ``path`` is None) plus overrides."""
+    tree: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of fields, not {type(loaded)}")
+        tree = loaded or {}
+    tree = apply_overrides(tree, overrides)
+    return validate(cls, tree, source)

@@ -1,0 +1,1 @@
+"""Data layer: sources, references, ingest, synthetic data, windows, transforms, loader."""

@@ -1,0 +1,347 @@
+"""Ingest: from a source archive to an analysis-ready Zarr v3 store, with its statistics.
+
+The store holds ``precip`` (time, y, x) in physical units, chunked for window reads, and the
+statistics training needs (quantiles, max, histogram edges, NaN fraction). It is written time
+block by time block (memory bounded by a block, not the archive), and a completion marker
+holding the statistics and a fingerprint of the request is written last:
+
+- a store without the marker is incomplete and :func:`open_store` refuses it;
+- re-running the same request on a complete store does nothing (idempotent);
+- a failure while writing removes what this run wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time as _time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from cloudburst import storage
+from cloudburst.data.sources import PRECIP, SourceError, open_source
+
+MARKER = ".cloudburst-complete.json"
+FORMAT_VERSION = 1
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
+CHUNK_TARGET_BYTES = 4 * 2**20
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete or not a Cloudburst store; the message says what to do."""
+
+
+@dataclass
+class StoreStats:
+    """Statistics of the valid (non-NaN) values of a store."""
+
+    count: int
+    nan_fraction: float
+    wet_fraction: float
+    mean: float
+    max: float
+    quantiles: dict[str, float]
+    bins: int
+    histogram_edges: list[float]
+    histogram_counts: list[int]
+    units: str = ""
+
+    def quantile(self, q: float) -> float:
+        return self.quantiles[f"{q:g}"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreStats:
+        return cls(**d)
+
+
+@dataclass
+class StatsAccumulator:
+    """Exact statistics streamed over blocks; memory is the wet values only (rain is sparse)."""
+
+    total: int = 0
+    nans: int = 0
+    zeros: int = 0
+    total_sum: float = 0.0
+    wet: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, block: np.ndarray) -> None:
+        flat = np.asarray(block, dtype=np.float32).ravel()
+        self.total += flat.size
+        valid = flat[~np.isnan(flat)]
+        self.nans += flat.size - valid.size
+        positive = valid[valid > 0]
+        self.zeros += valid.size - positive.size
+        self.total_sum += float(positive.sum(dtype=np.float64))
+        self.wet.append(positive)
+
+    def finish(self, bins: int, units: str = "") -> StoreStats:
+        count = self.total - self.nans
+        if count == 0:
+            raise SourceError(
+                "every value in the selected region and period is NaN (no data there). "
+                "Choose another --bbox or time range."
+            )
+        wet = np.sort(np.concatenate(self.wet)) if self.wet else np.zeros(0, np.float32)
+        vmax = float(wet[-1]) if wet.size else 0.0
+
+        def quantile(q: float) -> float:
+            # numpy's linear interpolation over the virtual array [0] * zeros + sorted(wet)
+            pos = q * (count - 1)
+            lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+
+            def at(i: int) -> float:
+                return 0.0 if i < self.zeros else float(wet[i - self.zeros])
+
+            hi = min(lo + 1, count - 1)
+            return at(lo) + frac * (at(hi) - at(lo))
+
+        edges = np.linspace(0.0, vmax if vmax > 0 else 1.0, bins + 1)
+        counts, _ = np.histogram(wet, bins=edges)
+        counts[0] += self.zeros
+        return StoreStats(
+            count=count,
+            nan_fraction=self.nans / self.total,
+            wet_fraction=wet.size / count,
+            mean=self.total_sum / count,
+            max=vmax,
+            quantiles={f"{q:g}": quantile(q) for q in QUANTILES},
+            bins=bins,
+            histogram_edges=[float(e) for e in edges],
+            histogram_counts=[int(c) for c in counts],
+            units=units,
+        )
+
+
+# ---------------------------------------------------------------------------- region
+
+
+def crop(ds: xr.Dataset, bbox: tuple[float, float, float, float] | None) -> xr.Dataset:
+    """The smallest index rectangle holding every cell inside ``bbox`` = (W, S, E, N).
+
+    The box is in lon/lat where the data have them (1-D or 2-D), else in the x/y coordinates.
+    """
+    if bbox is None:
+        return ds
+    west, south, east, north = bbox
+    if "lat" in ds.coords and "lon" in ds.coords:
+        lat, lon = ds["lat"], ds["lon"]
+        lon = ((lon + 180.0) % 360.0) - 180.0 if float(lon.max()) > 180 else lon
+        kind = "lon/lat"
+    elif "x" in ds.coords and "y" in ds.coords:
+        lat, lon = ds["y"], ds["x"]
+        kind = "x/y"
+    else:
+        raise SourceError("cannot crop: the data have neither lat/lon nor x/y coordinates")
+    inside = (lon >= west) & (lon <= east) & (lat >= south) & (lat <= north)
+    inside = inside.broadcast_like(xr.DataArray(np.zeros((ds.sizes["y"], ds.sizes["x"])),
+                                                dims=("y", "x"))).transpose("y", "x").values
+    if not inside.any():
+        raise SourceError(
+            f"bbox {bbox} selects no cell: the data cover {kind} "
+            f"[{float(lon.min()):g}, {float(lat.min()):g}, {float(lon.max()):g}, "
+            f"{float(lat.max()):g}]. Give a box (W,S,E,N) inside that range."
+        )
+    ys, xs = np.nonzero(inside)
+    return ds.isel(y=slice(ys.min(), ys.max() + 1), x=slice(xs.min(), xs.max() + 1))
+
+
+def coarsen(ds: xr.Dataset, k: int) -> xr.Dataset:
+    """Mean over k x k blocks (a block with any NaN is NaN); trailing rows/columns trimmed."""
+    if k <= 1:
+        return ds
+    if ds.sizes["y"] < k or ds.sizes["x"] < k:
+        raise SourceError(
+            f"cannot coarsen {ds.sizes['y']}x{ds.sizes['x']} cells by {k}: the region is smaller "
+            "than one block. Use a smaller --coarsen or a larger region."
+        )
+    attrs = ds[PRECIP].attrs
+    out = ds.coarsen(y=k, x=k, boundary="trim").mean()  # coordinates averaged too
+    any_nan = ds[PRECIP].isnull().coarsen(y=k, x=k, boundary="trim").any()
+    out[PRECIP] = out[PRECIP].where(~any_nan)
+    out[PRECIP].attrs = attrs
+    out.attrs = {**ds.attrs, "cloudburst_coarsen": k}
+    return out
+
+
+def default_chunks(nt: int, ny: int, nx: int, min_time: int = 1) -> dict[str, int]:
+    """Chunks of about 4 MB: whole small grids or 256-cell tiles, as many steps as fit."""
+    cy, cx = min(ny, 256), min(nx, 256)
+    ct = max(min_time, CHUNK_TARGET_BYTES // (4 * cy * cx))
+    return {"time": int(min(nt, ct)), "y": int(cy), "x": int(cx)}
+
+
+# ---------------------------------------------------------------------------- store
+
+
+def _fingerprint(request: dict[str, Any]) -> str:
+    blob = json.dumps(request, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_marker(target: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    url = storage.join(target, MARKER)
+    try:
+        return json.loads(storage.read_bytes(url, options))
+    except FileNotFoundError:
+        return None
+
+
+def _looks_like_zarr(target: str, options: dict[str, Any] | None) -> bool:
+    return storage.exists(storage.join(target, "zarr.json"), options)
+
+
+@dataclass
+class IngestResult:
+    target: str
+    stats: StoreStats
+    shape: tuple[int, int, int]
+    chunks: dict[str, int]
+    skipped: bool
+    seconds: float
+
+
+def ingest(
+    source: str | list[str] | xr.Dataset,
+    target: str,
+    *,
+    variable: str | None = None,
+    units: str | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
+    coarsen_by: int = 1,
+    chunks: dict[str, int] | None = None,
+    bins: int = 100,
+    time_start: str | None = None,
+    time_end: str | None = None,
+    source_options: dict[str, Any] | None = None,
+    target_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """Write ``source`` (cropped, coarsened) to the Zarr v3 store ``target``; see module doc."""
+    t0 = _time.perf_counter()
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2 (got {bins})")
+    storage.check_reachable(target, target_options)
+    ds = open_source(source, variable=variable, units=units, storage_options=source_options,
+                     time_start=time_start, time_end=time_end)
+    ds = coarsen(crop(ds, bbox), coarsen_by)
+    nt, ny, nx = (ds.sizes[d] for d in ("time", "y", "x"))
+    layout = default_chunks(nt, ny, nx)
+    layout.update({k: min(int(v), ds.sizes[k]) for k, v in (chunks or {}).items()})
+
+    request = {
+        "format": FORMAT_VERSION,
+        "source": ds.attrs.get("cloudburst_source", ""),
+        "variable": ds[PRECIP].attrs.get("source_variable"),
+        "bbox": list(bbox) if bbox else None,
+        "coarsen": coarsen_by,
+        "chunks": layout,
+        "bins": bins,
+        "shape": [nt, ny, nx],
+        "time": [str(ds.time.values[0]), str(ds.time.values[-1])],
+    }
+    fingerprint = _fingerprint(request)
+    marker = read_marker(target, target_options)
+    if marker is not None and marker.get("fingerprint") == fingerprint:
+        return IngestResult(target, StoreStats.from_dict(marker["stats"]), (nt, ny, nx), layout,
+                            skipped=True, seconds=_time.perf_counter() - t0)
+    if (marker is None and storage.exists(target, target_options)
+            and not _looks_like_zarr(target, target_options)):
+        fs, path = storage.filesystem(target, target_options)
+        if fs.isdir(path) and fs.ls(path):
+            raise StoreError(
+                f"{target} exists and is not a Cloudburst store; refusing to overwrite it. "
+                "Choose another target or remove it."
+            )
+    if marker is not None:  # a different request: the old store stops being complete first
+        storage.remove(storage.join(target, MARKER), target_options, recursive=False)
+
+    zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
+    so = target_options if storage.is_remote(target) else None
+    encoding = {PRECIP: {"chunks": (layout["time"], layout["y"], layout["x"])}}
+    for name in ds.coords:
+        ds[name].encoding = {}
+    template = ds.chunk({"time": layout["time"], "y": -1, "x": -1})
+    acc = StatsAccumulator()
+    try:
+        template.to_zarr(zarr_target, mode="w", compute=False, zarr_format=3, encoding=encoding,
+                         consolidated=False, storage_options=so)
+        step = layout["time"] * max(1, 64 * 2**20 // (4 * ny * nx * layout["time"]))
+        region_vars = [v for v in template.variables if "time" not in template[v].dims]
+        bar = tqdm(total=nt, desc=f"ingest {target}", unit="step", disable=not progress)
+        for a in range(0, nt, step):
+            b = min(nt, a + step)
+            block = ds.isel(time=slice(a, b)).drop_vars(region_vars).load()
+            acc.add(block[PRECIP].values)
+            block.to_zarr(zarr_target, region={"time": slice(a, b)}, zarr_format=3,
+                          consolidated=False, storage_options=so)
+            bar.update(b - a)
+        bar.close()
+        stats = acc.finish(bins, units=ds[PRECIP].attrs.get("units", ""))
+    except BaseException:
+        storage.remove(target, target_options)
+        raise
+    record = {"fingerprint": fingerprint, "request": request, "stats": stats.to_dict(),
+              "written": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())}
+    storage.write_bytes_atomic(storage.join(target, MARKER), json.dumps(record, indent=1).encode(),
+                               target_options)
+    return IngestResult(target, stats, (nt, ny, nx), layout, skipped=False,
+                        seconds=_time.perf_counter() - t0)
+
+
+def open_store(
+    target: str, options: dict[str, Any] | None = None
+) -> tuple[xr.Dataset, StoreStats]:
+    """Open a complete store lazily (no dask: reads go straight to zarr) with its statistics."""
+    storage.check_reachable(target, options)
+    marker = read_marker(target, options)
+    if marker is None:
+        if storage.exists(target, options):
+            raise StoreError(
+                f"{target} is incomplete (no completion marker): an ingest into it did not "
+                "finish. Re-run the ingest."
+            )
+        raise StoreError(f"no store at {target}. Create it with `cloudburst ingest`.")
+    zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
+    with warnings.catch_warnings():  # zarr notes the marker is not a zarr node: it is ours
+        warnings.filterwarnings("ignore", message=".*not recognized as a component")
+        ds = xr.open_zarr(zarr_target, chunks=None, consolidated=False, zarr_format=3,
+                          storage_options=options if storage.is_remote(target) else None)
+    return ds, StoreStats.from_dict(marker["stats"])
+
+
+def describe(target: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary `cloudburst info` prints."""
+    ds, stats = open_store(target, options)
+    da = ds[PRECIP]
+    marker = read_marker(target, options) or {}
+    return {
+        "target": target,
+        "variable": PRECIP,
+        "source_variable": da.attrs.get("source_variable"),
+        "units": da.attrs.get("units"),
+        "dims": list(da.dims),
+        "shape": list(da.shape),
+        "chunks": marker.get("request", {}).get("chunks"),
+        "coords": sorted(str(c) for c in ds.coords),
+        "time_start": str(np.datetime_as_string(ds.time.values[0], unit="s")),
+        "time_end": str(np.datetime_as_string(ds.time.values[-1], unit="s")),
+        "time_step_hours": float(
+            np.median(np.diff(ds.time.values)) / np.timedelta64(1, "h")) if ds.sizes["time"] > 1
+        else None,
+        "nan_fraction": stats.nan_fraction,
+        "wet_fraction": stats.wet_fraction,
+        "mean": stats.mean,
+        "max": stats.max,
+        "quantiles": stats.quantiles,
+        "bins": stats.bins,
+        "source": marker.get("request", {}).get("source"),
+    }

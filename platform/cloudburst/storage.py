@@ -1,0 +1,207 @@
+"""Where bytes live: URLs to fsspec filesystems, storage options, atomic writes, fast failure.
+
+Every place in Cloudburst that reads or writes a store goes through here, so that a local path,
+``file://``, ``s3://`` and ``gs://`` behave the same, and an unreachable endpoint or a missing
+bucket is reported within seconds with what to do about it.
+
+Storage options come from (highest first) explicit arguments, then the environment:
+
+- ``CLOUDBURST_ENDPOINT_URL``: endpoint of an S3- or GCS-compatible server;
+- ``CLOUDBURST_ANON``: ``1``/``true`` for anonymous (public bucket) access.
+
+Credentials themselves are left to the usual mechanisms (``AWS_ACCESS_KEY_ID``, application
+default credentials, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+
+REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
+CONNECT_TIMEOUT_S = 3.0
+
+
+class StorageError(RuntimeError):
+    """A store or object location cannot be used; the message says why and what to do."""
+
+
+def protocol_of(url: str) -> str:
+    """``"file"``, ``"s3"``, ``"gs"``, ... for a URL or a plain path."""
+    if "://" not in str(url):
+        return "file"
+    proto = str(url).split("://", 1)[0].lower()
+    return "gs" if proto == "gcs" else proto
+
+
+def is_remote(url: str) -> bool:
+    return protocol_of(url) in ("s3", "gs")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (``file://`` stripped)."""
+    url = str(url)
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def storage_options(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    anon: bool | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """fsspec options for ``url`` from arguments and the environment (see module docstring)."""
+    proto = protocol_of(url)
+    endpoint_url = endpoint_url or os.environ.get("CLOUDBURST_ENDPOINT_URL") or None
+    if anon is None and "CLOUDBURST_ANON" in os.environ:
+        anon = _truthy(os.environ["CLOUDBURST_ANON"])
+    opts: dict[str, Any] = {}
+    if proto == "s3":
+        if endpoint_url:
+            opts["endpoint_url"] = endpoint_url
+        if anon:
+            opts["anon"] = True
+        # fail fast instead of botocore's long default retry/timeout ladder
+        opts["config_kwargs"] = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        }
+    elif proto == "gs":
+        if endpoint_url:
+            opts["endpoint_url"] = endpoint_url
+        if anon:
+            opts["token"] = "anon"
+        if endpoint_url and "project" not in (extra or {}):
+            opts["project"] = os.environ.get("GOOGLE_CLOUD_PROJECT", "cloudburst")
+    opts.update(extra or {})
+    return opts
+
+
+def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for ``url``."""
+    proto = protocol_of(url)
+    if proto == "file":
+        return fsspec.filesystem("file"), os.path.abspath(local_path(url))
+    fs, path = fsspec.core.url_to_fs(str(url), **(options or {}))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    out = str(url).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def endpoint_of(url: str, options: dict[str, Any] | None) -> str | None:
+    """The endpoint a remote URL talks to, if it is not the provider's default."""
+    if not is_remote(url):
+        return None
+    return (options or {}).get("endpoint_url") or (
+        os.environ.get("STORAGE_EMULATOR_HOST") if protocol_of(url) == "gs" else None
+    )
+
+
+def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
+    """Raise :class:`StorageError` within seconds if the endpoint or bucket of ``url`` is unusable."""
+    if not is_remote(url):
+        return
+    endpoint = endpoint_of(url, options)
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        host = parsed.hostname or "localhost"
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+                pass
+        except OSError as exc:
+            raise StorageError(
+                f"cannot reach the object-store endpoint {endpoint} for {url}: {exc}. "
+                "Check that the server is running and that --endpoint-url / "
+                "CLOUDBURST_ENDPOINT_URL points at it."
+            ) from exc
+    fs, path = filesystem(url, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        ok = fs.exists(bucket)
+    except Exception as exc:  # noqa: BLE001 - any client error means the bucket is unusable
+        raise StorageError(
+            f"cannot access bucket '{bucket}' of {url}: {type(exc).__name__}: {exc}. "
+            "Check credentials, endpoint and anonymous-access settings."
+        ) from exc
+    if not ok:
+        raise StorageError(
+            f"bucket '{bucket}' of {url} does not exist (or is not visible with these "
+            "credentials). Create it first, or fix the URL."
+        )
+
+
+def exists(url: str, options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, options)
+    return bool(fs.exists(path))
+
+
+def read_bytes(url: str, options: dict[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(url, options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(url: str, data: bytes, options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` so that readers see either the old object or the whole new one.
+
+    Locally: a temporary file in the same folder, fsynced, then renamed over the target.
+    On object storage a single PUT is already atomic.
+    """
+    if is_remote(url):
+        fs, path = filesystem(url, options)
+        fs.pipe_file(path, data)
+        return
+    path = os.path.abspath(local_path(url))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove(url: str, options: dict[str, Any] | None = None, *, recursive: bool = True) -> None:
+    fs, path = filesystem(url, options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def check_writable(url: str, options: dict[str, Any] | None = None) -> None:
+    """Raise :class:`StorageError` unless an object can be written under ``url``."""
+    check_reachable(url, options)
+    probe = join(url, f".cloudburst-write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes_atomic(probe, b"ok", options)
+        remove(probe, options, recursive=False)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(
+            f"cannot write under {url}: {type(exc).__name__}: {exc}. "
+            "Choose a location you can write to."
+        ) from exc

@@ -141,14 +141,38 @@ class DataConfig(Strict):
     transform: Literal["none", "sqrt"] = "none"
 
 
-class DemoConfig(Strict):
-    """The main job on embedded defaults: synthetic data, local store, summary."""
+class DatasetJobConfig(Strict):
+    """Prepare a dataset: ingest an archive (or generate synthetic data) and index its windows.
+
+    With no config at all this is the embedded default: synthetic data into a local store.
+    """
 
     name: str = "demo"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _store_is_target(self) -> DatasetJobConfig:
+        """The dataset reads the store this job writes unless told otherwise."""
+        if "store" not in self.data.model_fields_set:
+            self.data.store = self.ingest.target
+        return self
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without implicit timestamps: ``2001-01-01`` stays the string the str fields want."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -172,7 +196,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
         key, raw = item.split("=", 1)
         if not key.strip():
             raise ConfigError(f"override '{item}' has an empty key")
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_path(tree, key.strip(), _yaml(raw) if raw != "" else "")
     return tree
 
 
@@ -211,7 +235,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):

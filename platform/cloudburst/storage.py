@@ -115,7 +115,7 @@ def endpoint_of(url: str, options: dict[str, Any] | None) -> str | None:
 
 
 def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
-    """Raise :class:`StorageError` within seconds if the endpoint or bucket of ``url`` is unusable."""
+    """Raise :class:`StorageError` within seconds if the endpoint or bucket is unusable."""
     if not is_remote(url):
         return
     endpoint = endpoint_of(url, options)

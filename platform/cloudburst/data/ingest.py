@@ -132,18 +132,31 @@ def crop(ds: xr.Dataset, bbox: tuple[float, float, float, float] | None) -> xr.D
     if bbox is None:
         return ds
     west, south, east, north = bbox
-    if "lat" in ds.coords and "lon" in ds.coords:
-        lat, lon = ds["lat"], ds["lon"]
+    # lat/lon may keep their CF long names (2-D latitude/longitude); projected coordinates
+    # keep theirs (e.g. projection_y_coordinate) along the y/x dims
+    lat_name = next((n for n in ("lat", "latitude") if n in ds.coords), None)
+    lon_name = next((n for n in ("lon", "longitude") if n in ds.coords), None)
+    y_name, x_name = (
+        d if d in ds.coords else next((str(c) for c in ds.coords if ds[c].dims == (d,)), None)
+        for d in ("y", "x")
+    )
+    if lat_name and lon_name:
+        lat, lon = ds[lat_name], ds[lon_name]
         lon = ((lon + 180.0) % 360.0) - 180.0 if float(lon.max()) > 180 else lon
         kind = "lon/lat"
-    elif "x" in ds.coords and "y" in ds.coords:
-        lat, lon = ds["y"], ds["x"]
+    elif y_name and x_name:
+        lat, lon = ds[y_name], ds[x_name]
         kind = "x/y"
     else:
         raise SourceError("cannot crop: the data have neither lat/lon nor x/y coordinates")
     inside = (lon >= west) & (lon <= east) & (lat >= south) & (lat <= north)
-    inside = inside.broadcast_like(xr.DataArray(np.zeros((ds.sizes["y"], ds.sizes["x"])),
-                                                dims=("y", "x"))).transpose("y", "x").values
+    inside = (
+        inside.broadcast_like(
+            xr.DataArray(np.zeros((ds.sizes["y"], ds.sizes["x"])), dims=("y", "x"))
+        )
+        .transpose("y", "x")
+        .values
+    )
     if not inside.any():
         raise SourceError(
             f"bbox {bbox} selects no cell: the data cover {kind} "
@@ -230,8 +243,14 @@ def ingest(
     if bins < 2:
         raise ValueError(f"bins must be >= 2 (got {bins})")
     storage.check_reachable(target, target_options)
-    ds = open_source(source, variable=variable, units=units, storage_options=source_options,
-                     time_start=time_start, time_end=time_end)
+    ds = open_source(
+        source,
+        variable=variable,
+        units=units,
+        storage_options=source_options,
+        time_start=time_start,
+        time_end=time_end,
+    )
     ds = coarsen(crop(ds, bbox), coarsen_by)
     nt, ny, nx = (ds.sizes[d] for d in ("time", "y", "x"))
     layout = default_chunks(nt, ny, nx)
@@ -241,6 +260,7 @@ def ingest(
         "format": FORMAT_VERSION,
         "source": ds.attrs.get("cloudburst_source", ""),
         "variable": ds[PRECIP].attrs.get("source_variable"),
+        "units": ds[PRECIP].attrs.get("source_units"),
         "bbox": list(bbox) if bbox else None,
         "coarsen": coarsen_by,
         "chunks": layout,
@@ -251,10 +271,19 @@ def ingest(
     fingerprint = _fingerprint(request)
     marker = read_marker(target, target_options)
     if marker is not None and marker.get("fingerprint") == fingerprint:
-        return IngestResult(target, StoreStats.from_dict(marker["stats"]), (nt, ny, nx), layout,
-                            skipped=True, seconds=_time.perf_counter() - t0)
-    if (marker is None and storage.exists(target, target_options)
-            and not _looks_like_zarr(target, target_options)):
+        return IngestResult(
+            target,
+            StoreStats.from_dict(marker["stats"]),
+            (nt, ny, nx),
+            layout,
+            skipped=True,
+            seconds=_time.perf_counter() - t0,
+        )
+    if (
+        marker is None
+        and storage.exists(target, target_options)
+        and not _looks_like_zarr(target, target_options)
+    ):
         fs, path = storage.filesystem(target, target_options)
         if fs.isdir(path) and fs.ls(path):
             raise StoreError(
@@ -270,36 +299,54 @@ def ingest(
     for name in ds.coords:
         ds[name].encoding = {}
     template = ds.chunk({"time": layout["time"], "y": -1, "x": -1})
+    region_vars = [v for v in template.variables if "time" not in template[v].dims]
+    for name in region_vars:  # written with the template, so they must not stay lazy (dask)
+        template.variables[name].load()
     acc = StatsAccumulator()
     try:
-        template.to_zarr(zarr_target, mode="w", compute=False, zarr_format=3, encoding=encoding,
-                         consolidated=False, storage_options=so)
+        template.to_zarr(
+            zarr_target,
+            mode="w",
+            compute=False,
+            zarr_format=3,
+            encoding=encoding,
+            consolidated=False,
+            storage_options=so,
+        )
         step = layout["time"] * max(1, 64 * 2**20 // (4 * ny * nx * layout["time"]))
-        region_vars = [v for v in template.variables if "time" not in template[v].dims]
         bar = tqdm(total=nt, desc=f"ingest {target}", unit="step", disable=not progress)
         for a in range(0, nt, step):
             b = min(nt, a + step)
             block = ds.isel(time=slice(a, b)).drop_vars(region_vars).load()
             acc.add(block[PRECIP].values)
-            block.to_zarr(zarr_target, region={"time": slice(a, b)}, zarr_format=3,
-                          consolidated=False, storage_options=so)
+            block.to_zarr(
+                zarr_target,
+                region={"time": slice(a, b)},
+                zarr_format=3,
+                consolidated=False,
+                storage_options=so,
+            )
             bar.update(b - a)
         bar.close()
         stats = acc.finish(bins, units=ds[PRECIP].attrs.get("units", ""))
     except BaseException:
         storage.remove(target, target_options)
         raise
-    record = {"fingerprint": fingerprint, "request": request, "stats": stats.to_dict(),
-              "written": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime())}
-    storage.write_bytes_atomic(storage.join(target, MARKER), json.dumps(record, indent=1).encode(),
-                               target_options)
-    return IngestResult(target, stats, (nt, ny, nx), layout, skipped=False,
-                        seconds=_time.perf_counter() - t0)
+    record = {
+        "fingerprint": fingerprint,
+        "request": request,
+        "stats": stats.to_dict(),
+        "written": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
+    }
+    storage.write_bytes_atomic(
+        storage.join(target, MARKER), json.dumps(record, indent=1).encode(), target_options
+    )
+    return IngestResult(
+        target, stats, (nt, ny, nx), layout, skipped=False, seconds=_time.perf_counter() - t0
+    )
 
 
-def open_store(
-    target: str, options: dict[str, Any] | None = None
-) -> tuple[xr.Dataset, StoreStats]:
+def open_store(target: str, options: dict[str, Any] | None = None) -> tuple[xr.Dataset, StoreStats]:
     """Open a complete store lazily (no dask: reads go straight to zarr) with its statistics."""
     storage.check_reachable(target, options)
     marker = read_marker(target, options)
@@ -313,8 +360,13 @@ def open_store(
     zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
     with warnings.catch_warnings():  # zarr notes the marker is not a zarr node: it is ours
         warnings.filterwarnings("ignore", message=".*not recognized as a component")
-        ds = xr.open_zarr(zarr_target, chunks=None, consolidated=False, zarr_format=3,
-                          storage_options=options if storage.is_remote(target) else None)
+        ds = xr.open_zarr(
+            zarr_target,
+            chunks=None,
+            consolidated=False,
+            zarr_format=3,
+            storage_options=options if storage.is_remote(target) else None,
+        )
     return ds, StoreStats.from_dict(marker["stats"])
 
 
@@ -334,8 +386,8 @@ def describe(target: str, options: dict[str, Any] | None = None) -> dict[str, An
         "coords": sorted(str(c) for c in ds.coords),
         "time_start": str(np.datetime_as_string(ds.time.values[0], unit="s")),
         "time_end": str(np.datetime_as_string(ds.time.values[-1], unit="s")),
-        "time_step_hours": float(
-            np.median(np.diff(ds.time.values)) / np.timedelta64(1, "h")) if ds.sizes["time"] > 1
+        "time_step_hours": float(np.median(np.diff(ds.time.values)) / np.timedelta64(1, "h"))
+        if ds.sizes["time"] > 1
         else None,
         "nan_fraction": stats.nan_fraction,
         "wet_fraction": stats.wet_fraction,

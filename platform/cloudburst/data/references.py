@@ -101,9 +101,7 @@ def build_references(
     return combined.translate()
 
 
-def write_references(
-    refs: dict[str, Any], url: str, options: dict[str, Any] | None = None
-) -> None:
+def write_references(refs: dict[str, Any], url: str, options: dict[str, Any] | None = None) -> None:
     storage.write_bytes_atomic(url, json.dumps(refs).encode(), options)
 
 

@@ -45,9 +45,7 @@ def _is_zarr(url: str, options: dict[str, Any] | None) -> bool:
         return True
     fs, path = storage.filesystem(url, options)
     try:
-        return fs.isdir(path) and (
-            fs.exists(f"{path}/zarr.json") or fs.exists(f"{path}/.zgroup")
-        )
+        return fs.isdir(path) and (fs.exists(f"{path}/zarr.json") or fs.exists(f"{path}/.zgroup"))
     except Exception:  # noqa: BLE001 - a probe; the real open reports the error
         return False
 
@@ -55,8 +53,9 @@ def _is_zarr(url: str, options: dict[str, Any] | None) -> bool:
 def open_raw(source: str | list[str], options: dict[str, Any] | None = None) -> xr.Dataset:
     """Open ``source`` lazily, as the archive has it (no normalisation)."""
     if isinstance(source, list) or any(c in source for c in "*?["):
-        return references.open_references(references.build_references(source, options), options,
-                                          chunks={})
+        return references.open_references(
+            references.build_references(source, options), options, chunks={}
+        )
     url = str(source)
     if url.startswith("reference://") or url.endswith(".json"):
         return references.open_references(url, options, chunks={})
@@ -65,8 +64,9 @@ def open_raw(source: str | list[str], options: dict[str, Any] | None = None) -> 
         raise SourceError(f"no such file or store: {url}. Check the path or URL.")
     if _is_zarr(url, options):
         target = storage.local_path(url) if not storage.is_remote(url) else url
-        return xr.open_zarr(target, storage_options=options if storage.is_remote(url) else None,
-                            chunks={})
+        return xr.open_zarr(
+            target, storage_options=options if storage.is_remote(url) else None, chunks={}
+        )
     if not storage.is_remote(url):
         path = storage.local_path(url)
         try:
@@ -74,8 +74,7 @@ def open_raw(source: str | list[str], options: dict[str, Any] | None = None) -> 
         except (OSError, ValueError) as exc:
             raise SourceError(f"cannot read {url} as NetCDF/HDF5/Zarr: {exc}") from exc
     # remote NetCDF: go through references so reads are lazy byte-range requests
-    return references.open_references(references.build_references(url, options), options,
-                                      chunks={})
+    return references.open_references(references.build_references(url, options), options, chunks={})
 
 
 # ---------------------------------------------------------------------------- variable
@@ -114,7 +113,9 @@ def pick_variable(ds: xr.Dataset, variable: str | None) -> str:
 
 
 def _inventory(ds: xr.Dataset) -> str:
-    items = [f"{v} {tuple(ds[v].dims)} [{ds[v].attrs.get('units', 'no units')}]" for v in ds.data_vars]
+    items = [
+        f"{v} {tuple(ds[v].dims)} [{ds[v].attrs.get('units', 'no units')}]" for v in ds.data_vars
+    ]
     return "; ".join(items) if items else "no data variables"
 
 
@@ -131,10 +132,24 @@ def _canon_units(units: str) -> str:
 
 
 RATE_UNITS = {  # canonical form -> mm per hour per unit value
-    "mm/d": 1 / 24, "mmd-1": 1 / 24, "kgm-2d-1": 1 / 24, "kgm-2/d": 1 / 24,
-    "mm/h": 1.0, "mmh-1": 1.0, "kgm-2h-1": 1.0, "kgm-2/h": 1.0,
-    "kgm-2s-1": 3600.0, "kgm-2/s": 3600.0, "mm/s": 3600.0, "mms-1": 3600.0,
-    "m/s": 3.6e6, "ms-1": 3.6e6, "m/h": 1000.0, "mh-1": 1000.0, "m/d": 1000 / 24, "md-1": 1000 / 24,
+    "mm/d": 1 / 24,
+    "mmd-1": 1 / 24,
+    "kgm-2d-1": 1 / 24,
+    "kgm-2/d": 1 / 24,
+    "mm/h": 1.0,
+    "mmh-1": 1.0,
+    "kgm-2h-1": 1.0,
+    "kgm-2/h": 1.0,
+    "kgm-2s-1": 3600.0,
+    "kgm-2/s": 3600.0,
+    "mm/s": 3600.0,
+    "mms-1": 3600.0,
+    "m/s": 3.6e6,
+    "ms-1": 3.6e6,
+    "m/h": 1000.0,
+    "mh-1": 1000.0,
+    "m/d": 1000 / 24,
+    "md-1": 1000 / 24,
 }
 AMOUNT_UNITS = {"mm": 1.0, "kgm-2": 1.0, "m": 1000.0, "cm": 10.0}  # mm per unit value
 
@@ -210,8 +225,10 @@ def normalise(
     da = ds[name]
     if da.ndim > 3:  # e.g. a length-1 level or band axis
         singles = [
-            d for d in da.dims
-            if da.sizes[d] == 1 and not (d in ds.coords and np.issubdtype(ds[d].dtype, np.datetime64))
+            d
+            for d in da.dims
+            if da.sizes[d] == 1
+            and not (d in ds.coords and np.issubdtype(ds[d].dtype, np.datetime64))
         ]
         da = da.isel({d: 0 for d in singles}, drop=True)
     tdim = _time_dim(da, ds)
@@ -248,7 +265,15 @@ def normalise(
     # dims become (time, y, x); 1-D coordinates of other names (lat, lon, ...) stay as
     # non-index coordinates along y and x, renamed lat/lon when they are geographic
     out = data.to_dataset(name=PRECIP)
-    out = out.drop_vars([c for c in out.coords if c not in da.dims and out[c].ndim != 2])
+    out = out.drop_vars(
+        [
+            c
+            for c in out.coords
+            if c not in da.dims
+            and out[c].ndim != 2
+            and not (out[c].ndim == 1 and out[c].dims[0] in (ydim, xdim))
+        ]
+    )
     if tdim != "time":
         out = out.rename({tdim: "time"})
     out = out.rename_dims({k: v for k, v in ((ydim, "y"), (xdim, "x")) if k != v})

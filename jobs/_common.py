@@ -1,0 +1,24 @@
+"""Shared argument handling of the jobs (``--config FILE`` plus ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# the jobs run from a checkout (ray job submit --working-dir .) as well as from an install
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(_ROOT, "platform") not in sys.path:
+    sys.path.insert(0, os.path.join(_ROOT, "platform"))
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config (default: the embedded defaults)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. synthetic.nt=365 data.windows.length=4",
+    )
+    return parser

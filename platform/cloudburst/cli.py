@@ -1,0 +1,279 @@
+"""``cloudburst``: the command line over the same functions the jobs call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from cloudburst import storage
+from cloudburst.config import (
+    ConfigError,
+    IngestConfig,
+    SyntheticConfig,
+    WindowConfig,
+    apply_overrides,
+    validate,
+)
+from cloudburst.data.ingest import StoreError, describe, ingest, open_store
+from cloudburst.data.references import ReferenceError, build_references, write_references
+from cloudburst.data.sources import SourceError
+from cloudburst.data.windows import WindowError, build_index, parse_split, split_index
+
+USER_ERRORS = (
+    SourceError,
+    StoreError,
+    storage.StorageError,
+    WindowError,
+    ConfigError,
+    ReferenceError,
+    FileNotFoundError,
+    ValueError,
+)
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("object storage (also CLOUDBURST_ENDPOINT_URL, CLOUDBURST_ANON)")
+    g.add_argument("--endpoint-url", help="S3/GCS-compatible endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--anon", action="store_true", default=None, help="anonymous access")
+    g.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra fsspec option (repeatable)",
+    )
+
+
+def options_for(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    extra = apply_overrides({}, args.storage_option) if args.storage_option else None
+    return storage.storage_options(url, endpoint_url=args.endpoint_url, anon=args.anon, extra=extra)
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers: {text!r}")
+    return values
+
+
+def _bbox(text: str) -> tuple[float, ...]:
+    return _floats(text, 4, "--bbox W,S,E,N")
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A-B, e.g. 150-300 (got {text!r})") from None
+    return a, b
+
+
+def _chunks(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--chunks takes DIM=N pairs, e.g. time=240,y=64,x=64 (got {text!r})"
+            )
+        out[key.strip()] = int(value)
+    return out
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    cfg = validate(
+        IngestConfig,
+        {
+            "source": args.source,
+            "target": args.target,
+            "variable": args.variable,
+            "bbox": args.bbox,
+            "coarsen": args.coarsen,
+            "chunks": args.chunks,
+            "bins": args.bins,
+            "time_start": args.time_start,
+            "time_end": args.time_end,
+        },
+        "command line",
+    )
+    result = ingest(
+        args.source,
+        args.target,
+        variable=cfg.variable,
+        units=args.units,
+        bbox=cfg.bbox,
+        coarsen_by=cfg.coarsen,
+        chunks=cfg.chunks,
+        bins=cfg.bins,
+        time_start=cfg.time_start,
+        time_end=cfg.time_end,
+        source_options=options_for(args.source, args),
+        target_options=options_for(args.target, args),
+        progress=not args.quiet,
+    )
+    state = (
+        "up to date (nothing written)" if result.skipped else f"written in {result.seconds:.1f} s"
+    )
+    print(
+        f"{args.target}: {result.shape[0]} x {result.shape[1]} x {result.shape[2]} "
+        f"(time, y, x), chunks {result.chunks}, {state}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(describe(args.target, options_for(args.target, args)), indent=2))
+    return 0
+
+
+def cmd_windows(args: argparse.Namespace) -> int:
+    opts = options_for(args.target, args)
+    ds, _ = open_store(args.target, opts)
+    wc = validate(
+        WindowConfig,
+        {
+            "length": args.length,
+            "size": args.size,
+            "stride": args.stride or args.size,
+            "time_stride": args.time_stride,
+            "doy": args.doy,
+            "max_nan_fraction": args.max_nan,
+        },
+        "command line",
+    )
+    index = build_index(ds, wc)
+    if args.split:
+        split, part = parse_split(args.split, val_fraction=args.val_fraction, seed=args.seed)
+        index = split_index(index, split, part)
+    if args.count:
+        print(len(index))
+        return 0
+    print(
+        f"{len(index)} windows of {wc.length} x {wc.size} x {wc.size} (time, y, x)"
+        + (f" in split {args.split}" if args.split else "")
+    )
+    rows = index.table(args.limit)
+    if rows:
+        head = list(rows[0])
+        print("  ".join(f"{h:>20}" if h in ("start", "end") else f"{h:>8}" for h in head))
+        for r in rows:
+            print(
+                "  ".join(
+                    f"{r[h]!s:>20}" if h in ("start", "end") else f"{r[h]!s:>8}" for h in head
+                )
+            )
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from cloudburst.data.synthetic import write_synthetic
+
+    cfg = validate(SyntheticConfig, apply_overrides({}, args.set), "--set")
+    result = write_synthetic(
+        cfg,
+        args.target,
+        bins=args.bins,
+        target_options=options_for(args.target, args),
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.target}: synthetic {result.shape}, max {result.stats.max:.1f} "
+        f"{result.stats.units}, wet fraction {result.stats.wet_fraction:.2f}"
+    )
+    return 0
+
+
+def cmd_references(args: argparse.Namespace) -> int:
+    opts = options_for(args.sources[0], args)
+    refs = build_references(args.sources, opts, concat_dim=args.concat_dim)
+    write_references(refs, args.output, options_for(args.output, args))
+    print(f"{args.output}: references to {len(args.sources)} source pattern(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloudburst", description="Precipitation data, models and ensembles."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="archive -> analysis-ready Zarr v3 store with statistics")
+    p.add_argument("source", help="NetCDF/HDF5/Zarr path or URL, glob, or kerchunk JSON")
+    p.add_argument("target", help="store path or URL (s3://, gs://, file://)")
+    p.add_argument("--variable", help="precipitation variable (found automatically if omitted)")
+    p.add_argument("--units", help="units of the variable when the file lacks them")
+    p.add_argument("--bbox", type=_bbox, help="W,S,E,N in lon/lat (or x/y for projected grids)")
+    p.add_argument("--coarsen", type=int, default=1, help="mean over KxK cells")
+    p.add_argument("--chunks", type=_chunks, help="e.g. time=240,y=64,x=64")
+    p.add_argument("--bins", type=int, default=100, help="histogram bins stored with the data")
+    p.add_argument("--time-start")
+    p.add_argument("--time-end")
+    p.add_argument("--quiet", action="store_true")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("info", help="print a store's summary as JSON")
+    p.add_argument("target")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("windows", help="count or list the sample windows of a store")
+    p.add_argument("target")
+    p.add_argument("--length", type=int, required=True, help="time steps per window")
+    p.add_argument("--size", type=int, required=True, help="pixels per side")
+    p.add_argument("--stride", type=int, help="spatial stride (default: size)")
+    p.add_argument("--time-stride", type=int, default=1)
+    p.add_argument("--doy", type=_range, help="day-of-year range, e.g. 150-300")
+    p.add_argument(
+        "--max-nan", type=float, default=0.0, help="drop windows above this NaN fraction"
+    )
+    p.add_argument(
+        "--split", help="PART[@SCHEME]: e.g. test, train@years:1981-2010/2011-2019, val@seasons:5"
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", action="store_true", help="print only the number of windows")
+    p.add_argument("--limit", type=int, default=10, help="rows of the table")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_windows)
+
+    p = sub.add_parser("synthetic", help="generate synthetic precipitation into a store")
+    p.add_argument("target")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generator option, e.g. --set nt=730 --set freq=1h (repeatable)",
+    )
+    p.add_argument("--bins", type=int, default=100)
+    p.add_argument("--quiet", action="store_true")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_synthetic)
+
+    p = sub.add_parser("references", help="kerchunk references over NetCDF files, as JSON")
+    p.add_argument("sources", nargs="+", help="files or glob patterns (combined along time)")
+    p.add_argument("--output", required=True, help="JSON path or URL")
+    p.add_argument("--concat-dim", default="time")
+    _storage_flags(p)
+    p.set_defaults(func=cmd_references)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as exc:
+        print(f"cloudburst {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

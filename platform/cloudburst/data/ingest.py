@@ -31,6 +31,7 @@ MARKER = ".cloudburst-complete.json"
 FORMAT_VERSION = 1
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 CHUNK_TARGET_BYTES = 4 * 2**20
+WRITE_BLOCK_BYTES = 64 * 2**20  # data loaded and written at a time (whole time chunks)
 
 
 class StoreError(RuntimeError):
@@ -285,7 +286,7 @@ def ingest(
         and not _looks_like_zarr(target, target_options)
     ):
         fs, path = storage.filesystem(target, target_options)
-        if fs.isdir(path) and fs.ls(path):
+        if not fs.isdir(path) or fs.ls(path):
             raise StoreError(
                 f"{target} exists and is not a Cloudburst store; refusing to overwrite it. "
                 "Choose another target or remove it."
@@ -313,7 +314,7 @@ def ingest(
             consolidated=False,
             storage_options=so,
         )
-        step = layout["time"] * max(1, 64 * 2**20 // (4 * ny * nx * layout["time"]))
+        step = layout["time"] * max(1, WRITE_BLOCK_BYTES // (4 * ny * nx * layout["time"]))
         bar = tqdm(total=nt, desc=f"ingest {target}", unit="step", disable=not progress)
         for a in range(0, nt, step):
             b = min(nt, a + step)

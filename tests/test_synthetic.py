@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
+
 from cloudburst.config import SyntheticConfig
 from cloudburst.data import synthetic
 from cloudburst.data.ingest import open_store
-from scipy import stats
 
 
 def small(**kw: object) -> SyntheticConfig:

@@ -271,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except USER_ERRORS as exc:
-        print(f"cloudburst {args.command}: error: {exc}", file=sys.stderr)
+        # one line: config errors list their problems on lines of their own
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"cloudburst {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,11 @@ from urllib.parse import urlparse
 
 import fsspec
 
+# gcsfs probes every bucket for hierarchical namespaces unless told not to; against emulators
+# and with anonymous access that probe hangs about 60 s per bucket call. gcsfs reads this once,
+# at import, so it is set before any gs:// URL is touched; export "true" to opt back in.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
 CONNECT_TIMEOUT_S = 3.0
 

@@ -89,14 +89,23 @@ def build_references(
     if len(refs) == 1:
         return refs[0]
     from kerchunk.combine import MultiZarrToZarr
+    from kerchunk.utils import inline_array
 
     remote = files[0]
+    remote_options = dict(options or {}) if storage.is_remote(remote) else {}
+    if storage.is_remote(remote):
+        # the combiner reads each file's coordinate through its own loop; inline it first so
+        # the combination itself needs no remote reads
+        refs = [
+            inline_array(r, threshold=0, names=[concat_dim], remote_options=dict(remote_options))
+            for r in refs
+        ]
     combined = MultiZarrToZarr(
         refs,
         concat_dims=[concat_dim],
         coo_map={concat_dim: f"cf:{concat_dim}"},
         remote_protocol=storage.protocol_of(remote),
-        remote_options=(options or {}) if storage.is_remote(remote) else {},
+        remote_options=remote_options,
     )
     return combined.translate()
 
@@ -137,5 +146,5 @@ def open_references(
     proto = _remote_protocol(refs) or "file"
     so: dict[str, Any] = {"remote_protocol": proto}
     if proto in ("s3", "gs"):
-        so["remote_options"] = options or {}
+        so["remote_options"] = dict(options or {})  # kerchunk adds keys to what it gets
     return xr.open_dataset(refs, engine="kerchunk", storage_options=so, chunks=chunks)

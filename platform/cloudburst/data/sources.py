@@ -52,6 +52,8 @@ def _is_zarr(url: str, options: dict[str, Any] | None) -> bool:
 
 def open_raw(source: str | list[str], options: dict[str, Any] | None = None) -> xr.Dataset:
     """Open ``source`` lazily, as the archive has it (no normalisation)."""
+    first = source[0] if isinstance(source, list) and source else source
+    storage.check_reachable(str(first), options)
     if isinstance(source, list) or any(c in source for c in "*?["):
         return references.open_references(
             references.build_references(source, options), options, chunks={}

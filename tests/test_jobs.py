@@ -1,0 +1,155 @@
+"""The jobs and their configs: the demo runs, every config validates, real samples prepare."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloudburst.config import ConfigError, DatasetJobConfig, load_config
+from cloudburst.data.ingest import open_store
+from cloudburst.data.prepare import prepare_dataset
+from cloudburst.data.windows import build_index, split_index
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+SHARED = ROOT.parent / "shared" / "data"
+REAL = ["chirps", "fraser", "radolan", "bom"]
+
+
+def job(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"jobs/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def parts_of(cfg: DatasetJobConfig) -> dict[str, int]:
+    """Window counts of the store the job wrote, computed here."""
+    ds, _ = open_store(cfg.ingest.target)
+    index = build_index(ds, cfg.data.windows)
+    out = {"all": len(index)}
+    for part in ("train", "val", "test"):
+        out[part] = len(split_index(index, cfg.data.split, part))
+    return out
+
+
+def test_demo_runs_and_prints_the_summary(tmp_path):
+    target = tmp_path / "demo.zarr"
+    overrides = [
+        "synthetic.nt=120",
+        "synthetic.ny=24",
+        "synthetic.nx=24",
+        "data.windows.size=16",
+        f"ingest.target={target}",
+    ]
+    proc = job("demo.py", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Traceback" not in proc.stderr
+    for step in ("[1/3]", "[2/3]", "[3/3]"):
+        assert step in out
+    assert "120 steps x 24 x 24 cells" in out
+    assert f"inspect:  .venv/bin/cloudburst info {target}" in out
+
+    cfg = load_config(DatasetJobConfig, None, overrides)
+    assert cfg.data.store == str(target)
+    counts = parts_of(cfg)
+    m = re.search(r"windows of 8 x 16 x 16: (\d+) \(train (\d+), val (\d+), test (\d+)", out)
+    assert m, out
+    printed = dict(zip(("all", "train", "val", "test"), map(int, m.groups()), strict=True))
+    assert printed == counts
+    assert counts["train"] > 0
+    m = re.search(r"one shuffled training epoch: (\d+) windows", out)
+    assert m and int(m.group(1)) == counts["train"]
+    m = re.search(r"scaled range \[(-?[\d.]+), (-?[\d.]+)\]", out)
+    assert m and 0.0 <= float(m.group(1)) <= float(m.group(2)) <= 1.0
+
+
+def test_ingest_job_prints_the_summary_as_json(tmp_path):
+    target = tmp_path / "tiny.zarr"
+    proc = job(
+        "ingest.py",
+        "synthetic.nt=60",
+        "synthetic.ny=8",
+        "synthetic.nx=8",
+        "data.windows.size=8",
+        "data.windows.length=4",
+        "data.split.scheme=none",
+        f"ingest.target={target}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["shape"] == [60, 8, 8]
+    assert summary["windows"]["all"] == 57  # one position per step, 60 - 4 + 1 starts
+    assert summary["windows"]["test"] == 0
+    assert summary["windows"]["train"] + summary["windows"]["val"] <= 57
+
+
+def test_job_with_a_bad_override_fails_before_any_work(tmp_path):
+    target = tmp_path / "never.zarr"
+    proc = job("ingest.py", "data.windows.size=0", f"ingest.target={target}")
+    assert proc.returncode == 2
+    assert "data.windows.size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not target.exists()
+
+
+def test_demo_yaml_is_the_embedded_defaults():
+    from_file = load_config(DatasetJobConfig, ROOT / "jobs" / "configs" / "demo.yaml")
+    defaults = load_config(DatasetJobConfig)
+    assert from_file == defaults
+    assert from_file.model_dump() == defaults.model_dump()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_validates(path):
+    cfg = load_config(DatasetJobConfig, path)
+    assert cfg.name
+    assert cfg.data.store == cfg.ingest.target
+    if cfg.ingest.source is not None:
+        # sources are given relative to the repository root, pointing into ../shared/data
+        assert cfg.ingest.source.startswith("../shared/data/")
+        assert (ROOT / cfg.ingest.source).resolve().parent == SHARED.resolve()
+    # overrides still apply on top of the file; a wrong one names the field
+    with pytest.raises(ConfigError, match="data.windows.lenght"):
+        load_config(DatasetJobConfig, path, ["data.windows.lenght=4"])
+
+
+def test_all_real_sample_configs_are_there():
+    assert {p.stem for p in CONFIGS} >= {*REAL, "demo"}
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", REAL)
+def test_real_sample_configs_prepare(name, tmp_path, monkeypatch):
+    if not SHARED.is_dir():
+        pytest.skip(f"real samples not available: {SHARED} is absent")
+    cfg = load_config(
+        DatasetJobConfig,
+        ROOT / "jobs" / "configs" / f"{name}.yaml",
+        [f"ingest.target={tmp_path}/s"],
+    )
+    source = ROOT / cfg.ingest.source
+    if not source.exists():
+        pytest.skip(f"real sample {source.name} is absent from {SHARED}")
+    monkeypatch.chdir(ROOT)  # the configs name their sources relative to the repository root
+    summary = prepare_dataset(cfg, progress=False)
+    assert summary["ingest_skipped"] is False
+    windows = summary["windows"]
+    assert windows["train"] > 0
+    assert windows["train"] + windows["val"] + windows["test"] <= windows["all"]
+    assert windows == parts_of(cfg)
+    if cfg.data.split.scheme == "none":
+        assert windows["test"] == 0
+    else:
+        assert windows["test"] > 0 and windows["val"] > 0
+    assert 0.0 <= summary["nan_fraction"] < 0.5 and summary["max"] > 0
+    # a second run of the same job writes nothing
+    assert prepare_dataset(cfg, progress=False)["ingest_skipped"] is True

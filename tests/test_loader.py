@@ -256,15 +256,23 @@ def test_each_chunk_decoded_about_once_per_epoch(stores, monkeypatch, shuffle, c
         decoded = ds.stats["decoded_chunks"] - before
         before = ds.stats["decoded_chunks"]
         assert n_chunks <= decoded <= 1.5 * n_chunks, (epoch, decoded)
-    assert 0 < RecordingCache.biggest <= cache_blocks
+    assert 0 < RecordingCache.biggest <= ds.cache_chunks == max(cache_blocks, 4)
 
 
-def test_cache_bound_holds_on_a_tiled_store(stores, monkeypatch):
-    _, values, index = stores["tiled"]
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tiled_store_decodes_each_chunk_about_once(stores, monkeypatch, shuffle):
+    path, values, index = stores["tiled"]
     monkeypatch.setattr(loader, "ChunkCache", RecordingCache)
     RecordingCache.biggest = 0
-    items = list(dataset(stores["tiled"], cache_blocks=2))
-    assert RecordingCache.biggest == 2
+    ds = dataset(stores["tiled"], shuffle=shuffle, cache_blocks=2)
+    items = list(ds)
+    arr = loader.open_array(str(path))
+    n_chunks = math.prod(math.ceil(n / c) for n, c in zip(arr.shape, arr.chunks, strict=True))
+    tiles = math.prod(math.ceil(n / c) for n, c in zip(arr.shape[1:], arr.chunks[1:], strict=True))
+    # the cache grows to two time slabs of tiles, never past it, whatever cache_blocks says
+    assert ds.cache_chunks == 2 * tiles + 2
+    assert 0 < RecordingCache.biggest <= ds.cache_chunks
+    assert n_chunks <= ds.stats["decoded_chunks"] <= 1.5 * n_chunks
     assert_items_match(items, values, index)
 
 

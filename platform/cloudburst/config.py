@@ -120,6 +120,16 @@ class SplitConfig(Strict):
     def _years_given(self) -> SplitConfig:
         if self.scheme == "years" and (self.train_years is None or self.test_years is None):
             raise ValueError("scheme 'years' needs train_years and test_years, e.g. [1981, 2010]")
+        for name in ("train_years", "test_years"):
+            span = getattr(self, name)
+            if span is not None and span[0] > span[1]:
+                raise ValueError(f"{name} {list(span)} is reversed: give [first, last]")
+        if self.train_years and self.test_years:
+            (a, b), (c, d) = self.train_years, self.test_years
+            if a <= d and c <= b:
+                raise ValueError(
+                    f"train_years {[a, b]} and test_years {[c, d]} overlap; make them disjoint"
+                )
         return self
 
 

@@ -5,10 +5,10 @@ window: hundreds of windows/s. Here windows are grouped by the chunk that holds 
 ("blocks"); a block's region (the chunk plus the halo its windows reach into) is assembled
 from an LRU cache of decoded chunks, and windows are cut from it as numpy views.
 
-Shuffling is block-level: consecutive blocks form runs, runs are visited in a random order
-(seeded by seed and epoch), and the windows of one run (a buffer of ``shuffle_buffer_blocks``
-blocks) are shuffled together. Memory is bounded by the chunk cache and one run, not by the
-store.
+Shuffling is block-level: ``shuffle_buffer_blocks`` consecutive time slabs of chunks form a
+run, runs are visited in a random order (seeded by seed and epoch), and the windows of one run
+are shuffled together. The chunk cache holds at least two time slabs, so each chunk is decoded
+about once per epoch. Memory is bounded by the cache and one run, not by the store.
 
 Sharding: the epoch's window sequence is cut into equal contiguous parts, one per Ray Train
 rank, then one per DataLoader worker, so every rank sees the same number of windows (DDP
@@ -153,6 +153,9 @@ class WindowDataset(IterableDataset):
         key = index.origins // np.asarray(self.chunks)
         self._block = (key[:, 0] * grid[1] + key[:, 1]) * grid[2] + key[:, 2]
         self._order = np.argsort(self._block, kind="stable")
+        # blocks run time-major; a block's halo reaches the next tile row/column and the next
+        # time slab, so the cache holds at least two time slabs of tiles (one decode each)
+        self.cache_chunks = max(self.cache_blocks, 2 * grid[1] * grid[2] + 2)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -172,15 +175,16 @@ class WindowDataset(IterableDataset):
         return len(self.index) // self._world()[1]
 
     def epoch_sequence(self) -> tuple[np.ndarray, np.ndarray]:
-        """(window ids, run id of each) in this epoch's global order."""
+        """(window ids, run id of each) in this epoch's global order.
+
+        A run is ``shuffle_buffer_blocks`` consecutive time slabs of chunks (all spatial tiles of
+        a slab belong to one run, so a shuffled order never revisits a slab).
+        """
         order = self._order
-        blocks = self._block[order]
-        starts = np.r_[0, np.nonzero(np.diff(blocks))[0] + 1]
-        n_blocks = len(starts)
-        run_of_block = np.arange(n_blocks) // self.buffer_blocks
-        n_runs = int(run_of_block[-1]) + 1 if n_blocks else 0
-        block_pos = np.repeat(np.arange(n_blocks), np.diff(np.r_[starts, len(order)]))
-        runs = run_of_block[block_pos]
+        slab = self.index.origins[order, 0] // self.chunks[0]
+        _, slab_rank = np.unique(slab, return_inverse=True)
+        runs = slab_rank.ravel() // self.buffer_blocks
+        n_runs = int(runs.max()) + 1 if len(runs) else 0
         if not self.shuffle or n_runs == 0:
             return order, runs
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -207,7 +211,7 @@ class WindowDataset(IterableDataset):
             torch.set_num_threads(1)  # small per-window ops are far faster single-threaded
         if self._array is None:
             self._array = open_array(self.store, self.storage_options)
-        cache = ChunkCache(self._array, self.cache_blocks)
+        cache = ChunkCache(self._array, self.cache_chunks)
         ids, runs = self.my_share()
         rng = np.random.default_rng(
             [

@@ -103,7 +103,7 @@ class Chain:
 _KINDS: dict[str, Any] = {
     "identity": lambda s: Identity(),
     "sqrt": lambda s: Sqrt(),
-    "scale": lambda s: Scale(s["low"], s["high"], s["target"]),
+    "scale": lambda s: Scale(s["low"], s["high"], s.get("target", "unit")),
     "chain": lambda s: Chain(*(from_state(x) for x in s["steps"])),
 }
 

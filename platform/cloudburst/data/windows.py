@@ -98,11 +98,12 @@ def _nan_counts(
     ys: np.ndarray,
     xs: np.ndarray,
     shape: tuple[int, int, int],
-    block: int = 512,
+    block_bytes: int = 64 * 2**20,
 ) -> np.ndarray:
     """NaN count of every window (t0 in starts_t) x ys x xs, reading the data in time blocks."""
     length, sy, sx = shape
     nt = da.sizes["time"]
+    block = max(1, block_bytes // (4 * da.sizes["y"] * da.sizes["x"]))
     per_step = np.zeros((nt, len(ys), len(xs)), dtype=np.int32)
     for a in range(0, nt, block):
         chunk = np.isnan(da.isel(time=slice(a, a + block)).values)

@@ -22,3 +22,15 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         help="config overrides, e.g. synthetic.nt=365 data.windows.length=4",
     )
     return parser
+
+
+def load_job_config(cls: type, argv: list[str] | None, description: str) -> object:
+    """Parse ``--config`` and overrides into ``cls``; exits with status 2 on a bad config."""
+    from cloudburst.config import ConfigError, load_config
+
+    args = job_parser(description).parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None

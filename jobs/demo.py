@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-from _common import job_parser
-from cloudburst.config import ConfigError, DatasetJobConfig, load_config
+from _common import load_job_config
+from cloudburst.config import DatasetJobConfig
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
 from cloudburst.data.prepare import prepare_dataset, target_options
@@ -20,12 +20,7 @@ from cloudburst.data.windows import build_index, split_index
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
-    try:
-        cfg = load_config(DatasetJobConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
     print(f"[1/3] preparing dataset '{cfg.name}' -> {cfg.ingest.target}")
     s = prepare_dataset(cfg)
     q = s["quantiles"]

@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from _common import job_parser
-from cloudburst.config import ConfigError, DatasetJobConfig, load_config
+from _common import load_job_config
+from cloudburst.config import DatasetJobConfig
 from cloudburst.data.prepare import prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__.splitlines()[0]).parse_args(argv)
-    try:
-        cfg = load_config(DatasetJobConfig, args.config, args.overrides)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
     print(json.dumps(prepare_dataset(cfg), indent=2))
     return 0
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 import zarr
+from samples import needs_data
 
 from cloudburst.data import ingest as ingest_mod
 from cloudburst.data.ingest import (
@@ -22,15 +23,6 @@ from cloudburst.data.ingest import (
     open_store,
 )
 from cloudburst.data.sources import SourceError, open_source
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def needs_data(name: str) -> Path:
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"real sample {name} not found in {DATA} (../shared/data is optional)")
-    return path
 
 
 def rain(shape: tuple[int, ...], seed: int = 0, nan_frac: float = 0.0) -> np.ndarray:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from samples import DATA as SHARED
+from samples import needs_data
 
 from cloudburst.config import ConfigError, DatasetJobConfig, load_config
 from cloudburst.data.ingest import open_store
@@ -17,7 +19,7 @@ from cloudburst.data.windows import build_index, split_index
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
-SHARED = ROOT.parent / "shared" / "data"
+
 REAL = ["chirps", "fraser", "radolan", "bom"]
 
 
@@ -129,16 +131,12 @@ def test_all_real_sample_configs_are_there():
 @pytest.mark.data
 @pytest.mark.parametrize("name", REAL)
 def test_real_sample_configs_prepare(name, tmp_path, monkeypatch):
-    if not SHARED.is_dir():
-        pytest.skip(f"real samples not available: {SHARED} is absent")
     cfg = load_config(
         DatasetJobConfig,
         ROOT / "jobs" / "configs" / f"{name}.yaml",
         [f"ingest.target={tmp_path}/s"],
     )
-    source = ROOT / cfg.ingest.source
-    if not source.exists():
-        pytest.skip(f"real sample {source.name} is absent from {SHARED}")
+    needs_data(Path(cfg.ingest.source).name)
     monkeypatch.chdir(ROOT)  # the configs name their sources relative to the repository root
     summary = prepare_dataset(cfg, progress=False)
     assert summary["ingest_skipped"] is False

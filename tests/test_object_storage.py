@@ -14,6 +14,7 @@ import dask.array as dsa
 import numpy as np
 import pytest
 import xarray as xr
+from samples import needs_data
 from servers import free_port
 
 from cloudburst import storage
@@ -21,16 +22,12 @@ from cloudburst.data import ingest, references, sources
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-FRASER = DATA / "fraser_daily_1986_2017.nc"
 START, END = "1990-01-01", "1992-12-31"  # three years: 1,096 steps of 14 x 31 cells
 
 
 @pytest.fixture(scope="module")
 def fraser() -> str:
-    if not FRASER.exists():
-        pytest.skip(f"real sample data not found at {FRASER} (needs ../shared/data)")
-    return str(FRASER)
+    return str(needs_data("fraser_daily_1986_2017.nc"))
 
 
 @pytest.fixture(scope="module")

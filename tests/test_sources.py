@@ -9,18 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from samples import needs_data
 
 from cloudburst.data import references, sources
 from cloudburst.data.sources import SourceError, open_source
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def needs_data(name: str) -> Path:
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"real sample {name} not found in {DATA} (../shared/data is optional)")
-    return path
 
 
 def make_ds(

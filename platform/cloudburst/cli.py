@@ -16,7 +16,7 @@ from cloudburst.config import (
     apply_overrides,
     validate,
 )
-from cloudburst.data.ingest import StoreError, describe, ingest, open_store
+from cloudburst.data.ingest import StoreError, describe, ingest_config, open_store
 from cloudburst.data.references import ReferenceError, build_references, write_references
 from cloudburst.data.sources import SourceError
 from cloudburst.data.windows import WindowError, build_index, parse_split, split_index
@@ -93,6 +93,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "source": args.source,
             "target": args.target,
             "variable": args.variable,
+            "units": args.units,
             "bbox": args.bbox,
             "coarsen": args.coarsen,
             "chunks": args.chunks,
@@ -102,17 +103,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         },
         "command line",
     )
-    result = ingest(
-        args.source,
-        args.target,
-        variable=cfg.variable,
-        units=args.units,
-        bbox=cfg.bbox,
-        coarsen_by=cfg.coarsen,
-        chunks=cfg.chunks,
-        bins=cfg.bins,
-        time_start=cfg.time_start,
-        time_end=cfg.time_end,
+    result = ingest_config(
+        cfg,
         source_options=options_for(args.source, args),
         target_options=options_for(args.target, args),
         progress=not args.quiet,

@@ -60,6 +60,7 @@ class IngestConfig(Strict):
     source: str | None = Field(None, description="archive URL; None generates synthetic data")
     target: str = "outputs/demo/precip.zarr"
     variable: str | None = None
+    units: str | None = Field(None, description="units of the variable when the file lacks them")
     bbox: tuple[float, float, float, float] | None = None
     coarsen: int = Field(1, ge=1)
     chunks: dict[str, int] | None = None

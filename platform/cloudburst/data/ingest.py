@@ -25,6 +25,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from cloudburst import storage
+from cloudburst.config import IngestConfig
 from cloudburst.data.sources import PRECIP, SourceError, open_source
 
 MARKER = ".cloudburst-complete.json"
@@ -344,6 +345,33 @@ def ingest(
     )
     return IngestResult(
         target, stats, (nt, ny, nx), layout, skipped=False, seconds=_time.perf_counter() - t0
+    )
+
+
+def ingest_config(
+    cfg: IngestConfig,
+    *,
+    source_options: dict[str, Any] | None = None,
+    target_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    """:func:`ingest` as a config asks (``cfg.source`` must be set)."""
+    if cfg.source is None:
+        raise ValueError("ingest needs a source; without one, generate synthetic data instead")
+    return ingest(
+        cfg.source,
+        cfg.target,
+        variable=cfg.variable,
+        units=cfg.units,
+        bbox=cfg.bbox,
+        coarsen_by=cfg.coarsen,
+        chunks=cfg.chunks,
+        bins=cfg.bins,
+        time_start=cfg.time_start,
+        time_end=cfg.time_end,
+        source_options=source_options,
+        target_options=target_options,
+        progress=progress,
     )
 
 

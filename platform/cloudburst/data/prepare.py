@@ -6,7 +6,7 @@ from typing import Any
 
 from cloudburst import storage
 from cloudburst.config import DatasetJobConfig
-from cloudburst.data.ingest import describe, ingest, open_store
+from cloudburst.data.ingest import describe, ingest_config, open_store
 from cloudburst.data.windows import PARTS, build_index, split_index
 
 
@@ -35,16 +35,8 @@ def prepare_dataset(cfg: DatasetJobConfig, *, progress: bool = True) -> dict[str
             progress=progress,
         )
     else:
-        result = ingest(
-            ing.source,
-            ing.target,
-            variable=ing.variable,
-            bbox=ing.bbox,
-            coarsen_by=ing.coarsen,
-            chunks=ing.chunks,
-            bins=ing.bins,
-            time_start=ing.time_start,
-            time_end=ing.time_end,
+        result = ingest_config(
+            ing,
             source_options=target_options(cfg, ing.source),
             target_options=opts,
             progress=progress,

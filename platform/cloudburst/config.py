@@ -152,6 +152,28 @@ class DataConfig(Strict):
     transform: Literal["none", "sqrt"] = "none"
 
 
+class VAEConfig(Strict):
+    """The quantized-loss VAE (paper 000): network size, objective and regulariser."""
+
+    widths: tuple[int, ...] = Field((64, 128, 256), min_length=2)
+    latent: int = Field(30, ge=1)
+    loss: Literal["rec", "qt", "wqt", "rec+qt", "rec+wqt", "focal_mse", "focal_hist"] = "rec+wqt"
+    bins: int = Field(100, ge=2)
+    focal_lambda: float = Field(100.0, gt=0)
+    focal_beta: float = Field(0.2, gt=0)
+    focal_gamma: float = Field(1.0, ge=0)
+    regulariser: Literal["mmd", "kl"] = "mmd"
+    reg_weight: float = Field(1.0, ge=0)
+    rec_weight: float = Field(1.0, gt=0, description="lambda of the fair control lambda * L_rec")
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w < 1 for w in v):
+            raise ValueError("every width must be >= 1")
+        return v
+
+
 class DatasetJobConfig(Strict):
     """Prepare a dataset: ingest an archive (or generate synthetic data) and index its windows.
 

@@ -1,0 +1,1 @@
+"""Training: framework-free steps, Ray Train wiring, checkpoints."""

@@ -189,6 +189,67 @@ def cmd_references(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking_error(args: argparse.Namespace, exc: Exception) -> int:
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"cloudburst models {args.models_command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from cloudburst import tracking  # mlflow loads in about 1.5 s: only for these commands
+
+    try:
+        models = tracking.list_models(args.tracking_uri)
+    except tracking.TrackingError as exc:
+        return _tracking_error(args, exc)
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        where = args.tracking_uri or tracking.tracking_uri(None)
+        print(f"no registered models in {where}")
+        return 0
+    head = ["name", "version", "aliases", "loss", "bins", "dataset", "window", "val_loss"]
+    head += ["created", "run_id"]
+    rows = []
+    for m in models:
+        for v in m["versions"]:
+            tags = v["tags"]
+            val = v["val_loss"]
+            rows.append(
+                [
+                    m["name"],
+                    v["version"],
+                    ",".join(v["aliases"]) or "-",
+                    tags.get("loss", "-"),
+                    tags.get("bins", "-"),
+                    tags.get("dataset", "-"),
+                    tags.get("window", "-"),
+                    f"{val:.4g}" if val is not None else "-",
+                    v["created"] or "-",
+                    v["run_id"] or "-",
+                ]
+            )
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(f"{str(c):<{w}}" for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from cloudburst import tracking
+
+    try:
+        result = tracking.promote(
+            args.name, args.version, args.alias, tracking_uri=args.tracking_uri
+        )
+    except tracking.TrackingError as exc:
+        return _tracking_error(args, exc)
+    moved = f" (was version {result['previous']})" if result["previous"] else ""
+    print(f"{result['name']}@{result['alias']} -> version {result['version']}{moved}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cloudburst", description="Precipitation data, models and ensembles."
@@ -255,6 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat-dim", default="time")
     _storage_flags(p)
     p.set_defaults(func=cmd_references)
+
+    p = sub.add_parser("models", help="registered models in MLflow: list, promote")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    uri_help = "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else outputs/mlflow)"
+    q = msub.add_parser("list", help="registered models, their versions, aliases and tags")
+    q.add_argument("--tracking-uri", help=uri_help)
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("promote", help="point an alias (default: champion) at a version")
+    q.add_argument("name", help="registered model name")
+    q.add_argument("version", help="model version number")
+    q.add_argument("--alias", default="champion")
+    q.add_argument("--tracking-uri", help=uri_help)
+    q.set_defaults(func=cmd_models_promote)
     return parser
 
 

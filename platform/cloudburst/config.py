@@ -276,3 +276,46 @@ def load_config(
         tree = loaded or {}
     tree = apply_overrides(tree, overrides)
     return validate(cls, tree, source)
+
+
+class TrainConfig(Strict):
+    """Optimisation and scaling (Ray Train)."""
+
+    epochs: int = Field(100, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0, description="None: 5e-5 for quantized losses, else 1e-5")
+    betas: tuple[float, float] = (0.9, 0.999)
+    patience: int = Field(10, ge=1, description="early stopping on validation loss")
+    seed: int = 0
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    mixed_precision: bool = True
+    max_failures: int = Field(2, ge=0)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class RunConfig(Strict):
+    """Where runs, checkpoints and models go."""
+
+    name: str = "vae-demo"
+    storage_path: str = "outputs/ray"
+    tracking_uri: str | None = None
+    experiment: str = "cloudburst"
+    registered_model: str = "cloudburst-vae"
+
+
+class TrainJobConfig(Strict):
+    """A training job: data, model, optimisation, run; `jobs/train.py --config ...`."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Literal["vae"] = "vae"
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def learning_rate(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 5e-5 if self.vae.loss in ("qt", "wqt", "rec+qt", "rec+wqt") else 1e-5

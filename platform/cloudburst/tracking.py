@@ -1,0 +1,833 @@
+"""MLflow glue: where runs go, the whole config as params, and packaged models in the registry.
+
+Used from rank 0 of training only (MLflow's fluent API keeps process-wide state).
+
+Where runs go (:func:`tracking_uri`): the configured URI, else ``MLFLOW_TRACKING_URI``, else a
+local SQLite store ``outputs/mlflow/mlflow.db`` with artifacts under ``outputs/mlflow/artifacts``.
+For every SQLite store, experiments created through :func:`use_experiment` keep their artifacts
+in ``artifacts/`` beside the database (never in an ``mlruns/`` of the working directory). A
+tracking server (http/https) is checked first by :func:`check_tracking`, which fails within
+seconds instead of MLflow's minutes of retries.
+
+A packaged model (:class:`PrecipitationModel`) is the network with everything needed to map its
+outputs back to physical units: model name, model config, window shape (time, y, x), the data
+transformation state and the store statistics. On disk it is a folder with ``weights.pt``
+(the state_dict) and ``cloudburst-model.json`` (the rest).
+
+In MLflow it is a pyfunc model (:class:`PrecipitationPyfunc`) whose only artifact is that folder.
+The pyfunc convention: ``predict`` takes a float32 tensor (n, time, y, x) of precipitation in
+physical units (NaN allowed for missing values) and returns its reconstruction, same shape,
+physical units. Sampling is not a pyfunc call: :func:`load_model` (``models:/NAME@champion``,
+``models:/NAME/3``, ``runs:/...`` or a local folder) returns the :class:`PrecipitationModel`
+with ``.sample(n, seed)`` and ``.reconstruct(x)``; the unwrapped pyfunc model
+(``mlflow.pyfunc.load_model(uri).unwrap_python_model()``) has the same two methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# No usage reporting from a training cluster (see ../shared/STACK.md); set before mlflow loads.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types import Schema, TensorSpec  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cloudburst.data import transforms as transforms_mod  # noqa: E402
+from cloudburst.data.ingest import StoreStats  # noqa: E402
+from cloudburst.data.transforms import Transform  # noqa: E402
+
+DEFAULT_EXPERIMENT = "cloudburst"
+PARAM_VALUE_LIMIT = 500  # MLflow servers before 2.x-era migrations cap param values at 500 chars
+PARAM_KEY_LIMIT = 250
+CONNECT_TIMEOUT_S = 3.0
+HTTP_TIMEOUT_S = 5.0
+METADATA_FILE = "cloudburst-model.json"
+WEIGHTS_FILE = "weights.pt"
+PACKAGE_ARTIFACT = "package"
+FORMAT_VERSION = 1
+# metrics shown by ``cloudburst models list``, first present wins
+VAL_LOSS_KEYS = ("best_val_loss", "val/best_loss", "best/val_loss", "val_loss", "val/loss")
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be used as asked; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------ where runs go
+
+
+def tracking_uri(configured: str | None = None, *, root: str | Path | None = None) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else a local SQLite store.
+
+    The local store is ``sqlite:///<root>/outputs/mlflow/mlflow.db`` (``root``: the working
+    directory) with ``artifacts/`` beside it; both folders are created.
+    """
+    if configured:
+        return str(configured)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    base = (Path(root) if root is not None else Path.cwd()).resolve() / "outputs" / "mlflow"
+    (base / "artifacts").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where experiments of a SQLite store keep artifacts (``artifacts/`` beside the database).
+
+    ``None`` for other stores: a tracking server decides (``--artifacts-destination``).
+    """
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    return (db.parent / "artifacts").as_uri()
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast, with what to do, when ``uri`` cannot be used.
+
+    http(s): a TCP connect (3 s), then ``GET /health`` and, if that is not 200 (a proxy, a
+    path prefix), the experiments API (5 s each at most). SQLite: the database's folder is
+    created. Other schemes are not checked.
+    """
+    db = _sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the folder of the MLflow store {uri}: {exc}"
+            ) from None
+        return
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    host = parsed.hostname or "localhost"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    advice = (
+        "Start the server (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
+        f"--host {host} --port {port}`), or point --tracking-uri / MLFLOW_TRACKING_URI at a "
+        "reachable server, or unset both to use the local store under outputs/mlflow"
+    )
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}). {advice}."
+        ) from None
+    base = uri.rstrip("/")
+    headers = _auth_headers()
+    status, detail = _http_get(f"{base}/health", {}, HTTP_TIMEOUT_S)
+    if status == 200:
+        return
+    if status == 0:  # connected, but no HTTP answer: do not wait a second time
+        raise TrackingError(
+            f"MLflow tracking server {uri} accepts connections but gives no answer ({detail}). "
+            f"{advice}."
+        )
+    status, detail = _http_get(
+        f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers, HTTP_TIMEOUT_S
+    )
+    if status == 200:
+        return
+    if status in (401, 403):
+        raise TrackingError(
+            f"MLflow tracking server {uri} refused the credentials (HTTP {status}); set "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."
+        )
+    raise TrackingError(
+        f"{uri} accepts connections but does not answer as an MLflow tracking server "
+        f"({detail}). {advice}."
+    )
+
+
+def _auth_headers() -> dict[str, str]:
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = (
+        os.environ.get("MLFLOW_TRACKING_USERNAME"),
+        os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+    )
+    if user and password:
+        import base64
+
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {basic}"}
+    return {}
+
+
+def _http_get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, str]:
+    """(status, short description); status 0 when no HTTP answer came."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+            return int(resp.status), f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), f"HTTP {exc.code} from {url}"
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return 0, f"no answer from {url} within {timeout:.0f} s: {reason}"
+
+
+def setup(configured: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Resolve and check the tracking URI, make it MLflow's (tracking and registry), and make
+    ``experiment`` the active one (created with artifacts beside a SQLite store). Returns the URI.
+    """
+    uri = tracking_uri(configured)
+    check_tracking(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    use_experiment(experiment)
+    return uri
+
+
+def use_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
+    """Make ``name`` the active experiment of the current tracking URI; returns its id.
+
+    Created on first use; on a SQLite store its artifacts go to ``artifacts/<name>`` beside the
+    database (MLflow's default would be ``./mlruns`` of the working directory). Create it in
+    the driver before several processes log to a fresh SQLite store (they race otherwise).
+    """
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        root = artifact_root(mlflow.get_tracking_uri())
+        location = f"{root}/{_safe_name(name)}" if root else None
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)  # created meanwhile by another process
+            if found is None:
+                raise
+            experiment_id = found.experiment_id
+    else:
+        experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(experiment_id)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "experiment"
+
+
+# --------------------------------------------------------------------------------- params
+
+
+def flatten_params(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A (nested) config as MLflow params: dotted keys, string values of at most 500 chars.
+
+    Lists and tuples become JSON (``[64, 128, 256]``), None ``None``; longer values are cut
+    to 500 characters ending in ``...``; characters MLflow refuses in keys become ``_``.
+    """
+    tree = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    out: dict[str, str] = {}
+    _flatten(tree, prefix, out)
+    return out
+
+
+def _flatten(node: Any, key: str, out: dict[str, str]) -> None:
+    if isinstance(node, BaseModel):
+        node = node.model_dump(mode="json")
+    if isinstance(node, Mapping) and node:
+        for k, v in node.items():
+            part = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(k))
+            _flatten(v, f"{key}.{part}" if key else part, out)
+        return
+    if isinstance(node, Mapping):
+        value = "{}"
+    elif isinstance(node, list | tuple):
+        value = json.dumps(_jsonable(node), default=str)
+    elif isinstance(node, float) and not math.isfinite(node):
+        value = str(node)
+    else:
+        value = str(node)
+    if len(value) > PARAM_VALUE_LIMIT:
+        value = value[: PARAM_VALUE_LIMIT - 3] + "..."
+    out[(key or "value")[:PARAM_KEY_LIMIT]] = value
+
+
+def _jsonable(node: Any) -> Any:
+    if isinstance(node, BaseModel):
+        return node.model_dump(mode="json")
+    if isinstance(node, Mapping):
+        return {str(k): _jsonable(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_jsonable(v) for v in node]
+    return node
+
+
+def log_config(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Log :func:`flatten_params` of ``config`` to the active run; returns what was logged."""
+    params = flatten_params(config, prefix)
+    mlflow.log_params(params)
+    return params
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def _config_dict(config: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(config, BaseModel):
+        return config.model_dump(mode="json")
+    return json.loads(json.dumps(dict(config)))
+
+
+def model_config(name: str, config: Mapping[str, Any]) -> Any:
+    """The config object that ``registry.build(name, ...)`` takes, from its JSON form."""
+    if name == "vae":
+        from cloudburst.config import VAEConfig
+
+        return VAEConfig.model_validate(dict(config))
+    return dict(config)
+
+
+class PrecipitationModel:
+    """A trained network plus what maps its outputs to physical units.
+
+    ``model``: the torch module (kept in eval mode); ``name`` and ``config``: what
+    ``cloudburst.models.registry.build`` takes; ``window``: (time, y, x); ``transform``:
+    physical -> model space (``state()`` is stored); ``stats``: the store's ``StoreStats``
+    (dict or object, may be None).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        config: BaseModel | Mapping[str, Any],
+        window: tuple[int, int, int],
+        transform: Transform,
+        stats: StoreStats | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.config = _config_dict(config)
+        self.window = tuple(int(n) for n in window)
+        if len(self.window) != 3:
+            raise ValueError(f"window must be (time, y, x), got {window!r}")
+        self.transform = transform
+        if isinstance(stats, StoreStats):
+            stats = stats.to_dict()
+        self.stats: dict[str, Any] | None = (
+            json.loads(json.dumps(dict(stats))) if stats is not None else None
+        )
+
+    # --------------------------------------------------------------- physical-unit interface
+
+    @property
+    def units(self) -> str:
+        return str((self.stats or {}).get("units", ""))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` generated windows, float32 (n, time, y, x) in physical units (>= 0)."""
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1 (got {n})")
+        generator = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            y = self.model.sample(int(n), generator=generator)
+        return self._to_physical(y)
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """The deterministic reconstruction of physical windows (n, time, y, x), physical.
+
+        NaN (missing values) are filled with 0 in physical units before the transformation,
+        as the training loader does; the reconstruction fills them in. A single window
+        (time, y, x) gives a single window back.
+        """
+        arr = np.asarray(x, dtype=np.float32)
+        single = arr.ndim == 3
+        if single:
+            arr = arr[None]
+        if arr.ndim != 4 or tuple(arr.shape[1:]) != self.window:
+            raise ValueError(
+                f"expected windows of shape (n, {', '.join(map(str, self.window))}) "
+                f"(n, time, y, x) in physical units, got {tuple(np.shape(x))}"
+            )
+        filled = np.where(np.isnan(arr), np.float32(0.0), arr)
+        model_space = np.asarray(self.transform.forward(filled), dtype=np.float32)
+        model_space = np.nan_to_num(model_space, nan=0.0)
+        tensor = torch.from_numpy(np.ascontiguousarray(model_space))[:, None].to(self.device)
+        with torch.no_grad():
+            y = self.model.reconstruct(tensor)
+        out = self._to_physical(y)
+        return out[0] if single else out
+
+    def _to_physical(self, y: torch.Tensor) -> np.ndarray:
+        arr = y.detach().float().cpu().numpy()[:, 0]
+        phys = np.asarray(self.transform.inverse(arr), dtype=np.float32)
+        return np.maximum(phys, np.float32(0.0))
+
+    # ----------------------------------------------------------------------- on disk
+
+    def metadata(self) -> dict[str, Any]:
+        from cloudburst import __version__
+
+        return {
+            "format": FORMAT_VERSION,
+            "model": self.name,
+            "config": self.config,
+            "window": list(self.window),
+            "transform": self.transform.state(),
+            "stats": self.stats,
+            "units": self.units,
+            "cloudburst": __version__,
+            "torch": str(torch.__version__),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``weights.pt`` and ``cloudburst-model.json`` into folder ``path``."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        torch.save(state, folder / WEIGHTS_FILE)
+        (folder / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PrecipitationModel:
+        """Rebuild from a folder written by :meth:`save`."""
+        from cloudburst.models import registry
+
+        folder = Path(path)
+        meta_file = folder / METADATA_FILE
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{folder} holds no packaged model (no {METADATA_FILE})")
+        meta = json.loads(meta_file.read_text())
+        if int(meta.get("format", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{folder} was written by a newer cloudburst (format {meta['format']}); upgrade"
+            )
+        name = meta["model"]
+        window = tuple(int(n) for n in meta["window"])
+        network = registry.build(name, model_config(name, meta["config"]), window)
+        state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        network.load_state_dict(state)
+        network.to(map_location)
+        return cls(
+            network,
+            name,
+            meta["config"],
+            window,  # type: ignore[arg-type]
+            transforms_mod.from_state(meta["transform"]),
+            meta.get("stats"),
+        )
+
+
+# ------------------------------------------------------------------------ MLflow pyfunc
+
+
+class PrecipitationPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc face of a :class:`PrecipitationModel` (artifact ``package``: its folder).
+
+    ``predict(x)``: x float32 (n, time, y, x) physical units -> reconstruction, same shape.
+    """
+
+    def __init__(self) -> None:
+        self.package: PrecipitationModel | None = None
+
+    def load_context(self, context: Any) -> None:
+        self.package = PrecipitationModel.load(context.artifacts[PACKAGE_ARTIFACT])
+
+    def _loaded(self) -> PrecipitationModel:
+        if self.package is None:
+            raise TrackingError(
+                "the pyfunc model is not loaded (load it with mlflow or load_model)"
+            )
+        return self.package
+
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
+        return self._loaded().reconstruct(np.asarray(model_input, dtype=np.float32))
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        return self._loaded().sample(n, seed)
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self._loaded().reconstruct(x)
+
+
+# The pyfunc is logged as "model from code" (this script), not as a pickled object.
+_MODEL_CODE = """\
+# The MLflow pyfunc of a cloudburst model; its weights and metadata are the artifact "package".
+import mlflow.models
+
+from cloudburst.tracking import PrecipitationPyfunc
+
+mlflow.models.set_model(PrecipitationPyfunc())
+"""
+
+
+def signature(window: tuple[int, int, int]) -> ModelSignature:
+    """float32 (-1, time, y, x) in, the same out."""
+    spec = TensorSpec(np.dtype(np.float32), (-1, *(int(n) for n in window)))
+    return ModelSignature(inputs=Schema([spec]), outputs=Schema([spec]))
+
+
+def _requirements() -> list[str]:
+    import pydantic
+
+    from cloudburst import __version__
+
+    return [
+        f"cloudburst=={__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={str(torch.__version__).split('+')[0]}",
+        f"numpy=={np.__version__}",
+        f"pydantic=={pydantic.VERSION}",
+    ]
+
+
+def default_tags(packaged: PrecipitationModel) -> dict[str, str]:
+    """Version tags derived from the package: model, loss, bins, window, transform, units."""
+    tags = {
+        "model": packaged.name,
+        "window": "x".join(str(n) for n in packaged.window),
+        "transform": str(packaged.transform.state().get("kind", "")),
+    }
+    for key in ("loss", "bins", "regulariser", "latent"):
+        if key in packaged.config:
+            tags[key] = str(packaged.config[key])
+    if packaged.units:
+        tags["units"] = packaged.units
+    return tags
+
+
+@contextlib.contextmanager
+def _run(run_id: str | None, experiment: str) -> Iterator[str]:
+    """The run to log into: ``run_id``, else the active run, else a new run of ``experiment``."""
+    active = mlflow.active_run()
+    if run_id is None and active is not None:
+        yield active.info.run_id
+    elif run_id is not None and active is not None and active.info.run_id == run_id:
+        yield run_id
+    elif run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+            yield run.info.run_id
+    else:
+        experiment_id = use_experiment(experiment)
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            yield run.info.run_id
+
+
+def log_and_register(
+    packaged: PrecipitationModel,
+    *,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    alias: str | None = "candidate",
+    run_id: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+) -> tuple[str, str]:
+    """Log ``packaged`` as the pyfunc model ``model`` of a run, register it, tag and alias it.
+
+    The run: ``run_id``, else the active run, else a new run of ``experiment``. Version tags:
+    :func:`default_tags` updated with ``tags`` (pass ``dataset`` there). ``tracking_uri``, if
+    given, becomes MLflow's tracking and registry URI first. Returns (version,
+    ``models:/NAME/VERSION``). If anything fails once the version exists, the version is
+    deleted again (and the registered model too if this call created it and it is left empty),
+    then :class:`TrackingError` is raised.
+    """
+    if tracking_uri is not None:
+        check_tracking(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient()
+    version_tags = {**default_tags(packaged), **{str(k): str(v) for k, v in (tags or {}).items()}}
+    with tempfile.TemporaryDirectory(prefix="cloudburst-package-") as tmp:
+        folder = packaged.save(Path(tmp) / PACKAGE_ARTIFACT)
+        code = Path(tmp) / "cloudburst_model.py"
+        code.write_text(_MODEL_CODE)
+        example = packaged.sample(2, seed=0)
+        with _run(run_id, experiment):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={PACKAGE_ARTIFACT: str(folder)},
+                signature=signature(packaged.window),
+                input_example=example,
+                pip_requirements=_requirements(),
+                metadata={"cloudburst": packaged.metadata() | {"stats": None}},
+            )
+    existed = _registered_model_exists(client, name)
+    version: str | None = None
+    try:
+        mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        version = str(mv.version)
+        mv = client.get_model_version(name, version)
+        if mv.status != "READY":
+            raise TrackingError(f"version {version} of {name} ended in status {mv.status}")
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+    except Exception as exc:
+        _discard(client, name, info.model_uri, version, existed)
+        if isinstance(exc, TrackingError):
+            raise
+        raise TrackingError(f"registering {info.model_uri} as {name!r} failed: {exc}") from exc
+    return version, f"models:/{name}/{version}"
+
+
+def _registered_model_exists(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
+def _discard(
+    client: MlflowClient, name: str, source: str, version: str | None, existed: bool
+) -> None:
+    """Delete what a failed registration created: its version(s), then an empty new model."""
+    with contextlib.suppress(Exception):
+        doomed = {version} if version else set()
+        for mv in client.search_model_versions(f"name='{_quote(name)}'"):
+            if mv.source == source:
+                doomed.add(str(mv.version))
+        for v in doomed:
+            with contextlib.suppress(Exception):
+                client.delete_model_version(name, v)
+        if not existed and not client.search_model_versions(f"name='{_quote(name)}'"):
+            client.delete_registered_model(name)
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def load_model(
+    uri: str, *, tracking_uri: str | None = None, map_location: str = "cpu"
+) -> PrecipitationModel:
+    """A registered or logged model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/ID/model``) or a package folder, ready for ``.sample`` and ``.reconstruct``.
+    """
+    if Path(uri).is_dir() and (Path(uri) / METADATA_FILE).exists():
+        return PrecipitationModel.load(uri, map_location)
+    if tracking_uri is not None:
+        check_tracking(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot load model {uri}: {exc.message}") from None
+    wrapper = pyfunc.unwrap_python_model()
+    if not isinstance(wrapper, PrecipitationPyfunc):
+        raise TrackingError(f"{uri} is not a cloudburst model (it is {type(wrapper).__name__})")
+    package = wrapper._loaded()
+    if map_location != "cpu":
+        package.model.to(map_location)
+    return package
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _client(uri: str | None) -> tuple[MlflowClient, str]:
+    """A client of ``uri``, else of MLflow's current URI if one was set, else the local store."""
+    resolved = uri or (_current_uri() if _uri_is_set() else tracking_uri(None))
+    check_tracking(resolved)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved), resolved
+
+
+def _uri_is_set() -> bool:
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    return bool(is_tracking_uri_set())
+
+
+def _current_uri() -> str:
+    return str(mlflow.get_tracking_uri())
+
+
+def key_metric(metrics: Mapping[str, float]) -> float | None:
+    """The run's validation loss for tables: the first of :data:`VAL_LOSS_KEYS` present."""
+    for key in VAL_LOSS_KEYS:
+        if key in metrics:
+            return float(metrics[key])
+    return None
+
+
+def list_models(uri: str | None = None) -> list[dict[str, Any]]:
+    """Registered models of the store at ``uri`` (resolved by :func:`tracking_uri`).
+
+    Each: ``name``, ``description``, ``aliases`` (alias -> version) and ``versions`` (newest
+    first): ``version``, ``aliases``, ``tags``, ``run_id``, ``status``, ``created`` (ISO
+    time), ``source``, ``metrics`` (the run's latest metrics) and ``val_loss``.
+    """
+    client, _ = _client(uri)
+    out: list[dict[str, Any]] = []
+    try:
+        registered = list(_paged(client.search_registered_models, max_results=200))
+        for rm in sorted(registered, key=lambda r: r.name):
+            aliases = {a: str(v) for a, v in sorted((rm.aliases or {}).items())}
+            versions = []
+            found = _paged(
+                client.search_model_versions, f"name='{_quote(rm.name)}'", max_results=200
+            )
+            for mv in sorted(found, key=lambda v: int(v.version), reverse=True):
+                metrics = _run_metrics(client, mv.run_id)
+                versions.append(
+                    {
+                        "version": str(mv.version),
+                        "aliases": sorted(
+                            set(mv.aliases or [])
+                            | {a for a, v in aliases.items() if v == str(mv.version)}
+                        ),
+                        "tags": dict(mv.tags or {}),
+                        "run_id": mv.run_id,
+                        "status": mv.status,
+                        "created": _iso(mv.creation_timestamp),
+                        "source": mv.source,
+                        "metrics": metrics,
+                        "val_loss": key_metric(metrics),
+                    }
+                )
+            out.append(
+                {
+                    "name": rm.name,
+                    "description": rm.description or "",
+                    "aliases": aliases,
+                    "versions": versions,
+                }
+            )
+    except MlflowException as exc:
+        raise TrackingError(f"cannot list registered models: {exc.message}") from None
+    return out
+
+
+def _paged(search: Any, *args: Any, max_results: int) -> Iterator[Any]:
+    token = None
+    while True:
+        page = search(*args, max_results=max_results, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
+    if not run_id:
+        return {}
+    try:
+        return dict(client.get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}  # the run was deleted; the version stays listable
+
+
+def _iso(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
+def promote(
+    name: str, version: str | int, alias: str = "champion", *, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Point ``alias`` of model ``name`` at ``version`` (moving it from where it was).
+
+    Returns ``{"name", "version", "alias", "previous"}`` (previous: the version the alias
+    pointed at, or None). Unknown model or version: :class:`TrackingError` naming what exists.
+    """
+    client, uri = _client(tracking_uri)
+    version = str(version)
+    if not version.isdigit():
+        raise TrackingError(f"a model version is a number, got {version!r}")
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(r.name for r in _paged(client.search_registered_models, max_results=200))
+        raise TrackingError(
+            f"no registered model {name!r} in {uri}; registered: {', '.join(known) or 'none'}"
+        ) from None
+    versions = sorted(
+        (
+            str(v.version)
+            for v in _paged(client.search_model_versions, f"name='{_quote(name)}'", max_results=200)
+        ),
+        key=int,
+    )
+    if version not in versions:
+        raise TrackingError(
+            f"model {name!r} has no version {version}; versions: {', '.join(versions) or 'none'}"
+        )
+    previous = (rm.aliases or {}).get(alias)
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot set alias {alias!r} of {name!r}: {exc.message}") from None
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "previous": str(previous) if previous is not None else None,
+    }
+
+
+# ------------------------------------------------------------------------------- figures
+
+
+def figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure on the Agg canvas, outside pyplot (nothing to close, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def log_figure(fig: Any, path: str, *, run_id: str | None = None, dpi: int = 100) -> None:
+    """Log a matplotlib figure as a PNG artifact at ``path`` of ``run_id`` (or the active run).
+
+    Saved as PNG through Agg whatever the pyplot backend; a pyplot figure is closed after.
+    """
+    if not path.lower().endswith(".png"):
+        path = f"{path}.png"
+    if run_id is None:
+        active = mlflow.active_run()
+        if active is None:
+            raise TrackingError("log_figure needs an active MLflow run or a run_id")
+        run_id = active.info.run_id
+    MlflowClient().log_figure(run_id, fig, path, save_kwargs={"dpi": dpi, "format": "png"})
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        with contextlib.suppress(Exception):
+            pyplot.close(fig)

@@ -1,0 +1,91 @@
+"""jobs/train.py end to end on in-process Ray with a local MLflow store, and its pre-flight."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from servers import free_port
+
+from cloudburst.config import SyntheticConfig
+from cloudburst.data.synthetic import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("train") / "s.zarr")
+    write_synthetic(SyntheticConfig(nt=240, ny=16, nx=16), path, progress=False)
+    return path
+
+
+def train(tmp_path, store, *overrides, timeout=400):
+    args = [
+        sys.executable, "jobs/train.py", "--config", "jobs/configs/vae-demo.yaml",
+        f"data.store={store}", "data.windows.size=8", "data.windows.length=4",
+        "data.windows.stride=4", "vae.widths=[4, 8]", "vae.latent=4",
+        f"run.storage_path={tmp_path / 'ray'}",
+        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.max_steps_per_epoch=3", *overrides,
+    ]
+    env = {**os.environ, **ENV}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.integration
+def test_trains_registers_and_resumes(tmp_path, store):
+    first = train(tmp_path, store, "train.epochs=1", "run.name=resume-me")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "model: models:/cloudburst-vae-demo/1" in first.stdout
+    run_id = first.stdout.split("run: ")[1].split()[0]
+
+    from cloudburst import tracking
+
+    packaged = tracking.load_model("models:/cloudburst-vae-demo@candidate",
+                                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    samples = packaged.sample(3, seed=0)
+    assert samples.shape == (3, 4, 8, 8) and (samples >= 0).all()
+
+    # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
+    second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "model: models:/cloudburst-vae-demo/2" in second.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run2 = second.stdout.split("run: ")[1].split()[0]
+    steps = [m.step for m in client.get_metric_history(run2, "val_loss")]
+    assert steps == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0]
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("vae.loss=l1", "vae.loss"),
+        ("vae.bins=1", "vae.bins"),
+        ("data.windows.size=64", "larger than the store"),
+        ("run.tracking_uri=http://127.0.0.1:{port}", "unreachable"),
+        ("run.storage_path=/proc/cloudburst-not-writable", "cannot write"),
+    ],
+)
+def test_bad_configs_fail_before_any_worker(tmp_path, store, override, words):
+    t0 = time.perf_counter()
+    result = train(tmp_path, store, override.format(port=free_port()), timeout=60)
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert "RayTrainWorker" not in result.stderr + result.stdout
+    assert time.perf_counter() - t0 < 45

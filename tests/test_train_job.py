@@ -33,16 +33,23 @@ def store(tmp_path_factory):
 
 def train(tmp_path, store, *overrides, timeout=400):
     args = [
-        sys.executable, "jobs/train.py", "--config", "jobs/configs/vae-demo.yaml",
-        f"data.store={store}", "data.windows.size=8", "data.windows.length=4",
-        "data.windows.stride=4", "vae.widths=[4, 8]", "vae.latent=4",
+        sys.executable,
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/vae-demo.yaml",
+        f"data.store={store}",
+        "data.windows.size=8",
+        "data.windows.length=4",
+        "data.windows.stride=4",
+        "vae.widths=[4, 8]",
+        "vae.latent=4",
         f"run.storage_path={tmp_path / 'ray'}",
         f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.max_steps_per_epoch=3", *overrides,
+        "train.max_steps_per_epoch=3",
+        *overrides,
     ]
     env = {**os.environ, **ENV}
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.integration
@@ -54,8 +61,9 @@ def test_trains_registers_and_resumes(tmp_path, store):
 
     from cloudburst import tracking
 
-    packaged = tracking.load_model("models:/cloudburst-vae-demo@candidate",
-                                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    packaged = tracking.load_model(
+        "models:/cloudburst-vae-demo@candidate", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
     samples = packaged.sample(3, seed=0)
     assert samples.shape == (3, 4, 8, 8) and (samples >= 0).all()
 

@@ -12,10 +12,11 @@ from cloudburst.config import (
     DataConfig,
     IngestConfig,
     apply_overrides,
+    job_config_class,
     load_config,
 )
 
-JobConfig = config.DatasetJobConfig  # the job config on embedded defaults (was DemoConfig)
+JobConfig = config.DatasetJobConfig  # the dataset job config (embedded defaults)
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
@@ -94,8 +95,9 @@ def test_empty_yaml_is_defaults(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_job_configs_are_valid(path):
-    cfg = load_config(JobConfig, path)
-    assert cfg.name
+    cls = job_config_class(path)
+    cfg = load_config(cls, path)
+    assert cfg.name if cls is JobConfig else cfg.run.name
 
 
 # ---------------------------------------------------------------------------- overrides

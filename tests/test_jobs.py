@@ -12,7 +12,13 @@ import pytest
 from samples import DATA as SHARED
 from samples import needs_data
 
-from cloudburst.config import ConfigError, DatasetJobConfig, load_config
+from cloudburst.config import (
+    ConfigError,
+    DatasetJobConfig,
+    TrainJobConfig,
+    job_config_class,
+    load_config,
+)
 from cloudburst.data.ingest import open_store
 from cloudburst.data.prepare import prepare_dataset
 from cloudburst.data.windows import build_index, split_index
@@ -110,7 +116,16 @@ def test_demo_yaml_is_the_embedded_defaults():
     assert from_file.model_dump() == defaults.model_dump()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+DATASET_CONFIGS = [p for p in CONFIGS if job_config_class(p) is DatasetJobConfig]
+
+
+def test_training_configs_are_told_apart():
+    kinds = {p.stem: job_config_class(p) for p in CONFIGS}
+    assert kinds["vae-demo"] is TrainJobConfig and kinds["demo"] is DatasetJobConfig
+    load_config(TrainJobConfig, ROOT / "jobs" / "configs" / "vae-demo.yaml")
+
+
+@pytest.mark.parametrize("path", DATASET_CONFIGS, ids=[p.stem for p in DATASET_CONFIGS])
 def test_every_config_validates(path):
     cfg = load_config(DatasetJobConfig, path)
     assert cfg.name

@@ -319,3 +319,15 @@ class TrainJobConfig(Strict):
         if self.train.lr is not None:
             return self.train.lr
         return 5e-5 if self.vae.loss in ("qt", "wqt", "rec+qt", "rec+wqt") else 1e-5
+
+
+def job_config_class(path: str | Path) -> type[BaseModel]:
+    """The config model a YAML file is written for: a training job (it names ``train``,
+    ``model``, ``vae`` or ``run``) or a dataset job."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if isinstance(tree, dict) and {"train", "model", "vae", "run"} & set(tree):
+        return TrainJobConfig
+    return DatasetJobConfig

@@ -116,6 +116,14 @@ def train_worker(config: dict[str, Any]) -> None:
             {**mean.compute("train_"), **{f"val_{k}": v for k, v in val.items()}}, device
         )
         report.update({"epoch": epoch, "active_units": _active_units(core, val_ds, device)})
+        if rank == 0 and report["active_units"] < max(1, cfg.vae.latent // 10):
+            print(
+                f"warning: posterior collapse at epoch {epoch}: {report['active_units']} of "
+                f"{cfg.vae.latent} latent units active; the code carries almost no information. "
+                "Lower vae.reg_weight or raise vae.rec_weight (regulariser "
+                f"{cfg.vae.regulariser} = {report.get('val_' + cfg.vae.regulariser, 0.0):.3g}).",
+                flush=True,
+            )
         stop = stopper.step(report["val_loss"])
         report["best_val_loss"] = stopper.best
         if rank == 0 and config.get("mlflow_run_id"):

@@ -17,6 +17,7 @@ from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.ingest import open_store
 from cloudburst.data.transforms import for_data
+from cloudburst.evaluation.report import log_evaluation
 from cloudburst.training import ray_train
 
 
@@ -88,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             },
             experiment=cfg.run.experiment,
         )
+        try:
+            metrics = log_evaluation(cfg, packaged, run.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - the model is registered; report, do not fail
+            print(f"train: warning: evaluation failed: {exc!r}", file=sys.stderr)
+        else:
+            top = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "_top" in k)
+            print(f"train: evaluation figures and quantized MSE logged ({top or 'no bins'})")
     print(f"model: {model_uri}")
     print(f"run: {run.info.run_id}")
     return 0

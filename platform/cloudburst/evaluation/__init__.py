@@ -1,0 +1,1 @@
+"""Evaluation of trained models: figures (``figures``) and the post-training report (``report``)."""

@@ -1,27 +1,38 @@
-"""The main job on embedded defaults: synthetic precipitation, a local store, a summary.
+"""The main job on embedded defaults: synthetic data, a local store, a small VAE trained on Ray.
 
 python jobs/demo.py                          # embedded defaults, no download
-python jobs/demo.py synthetic.nt=365 ...     # overrides
+python jobs/demo.py synthetic.nt=365 ...     # overrides of the dataset
 python jobs/demo.py --config jobs/configs/chirps.yaml
+python jobs/demo.py --no-train               # data steps only
+
+Training uses jobs/configs/vae-demo.yaml with this dataset; the model is registered in the
+local MLflow store (outputs/mlflow) with alias `candidate`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from _common import load_job_config
-from cloudburst.config import DatasetJobConfig
+from cloudburst.config import DatasetJobConfig, TrainJobConfig, load_config
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
 from cloudburst.data.prepare import prepare_dataset, target_options
 from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
 
+VAE_DEMO = Path(__file__).resolve().parent / "configs" / "vae-demo.yaml"
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    do_train = "--no-train" not in argv
+    argv = [a for a in argv if a != "--no-train"]
     cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
-    print(f"[1/3] preparing dataset '{cfg.name}' -> {cfg.ingest.target}")
+    steps = 4 if do_train else 3
+    print(f"[1/{steps}] preparing dataset '{cfg.name}' -> {cfg.ingest.target}")
     s = prepare_dataset(cfg)
     q = s["quantiles"]
     print(
@@ -35,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     w = s["windows"]
     wc = cfg.data.windows
     print(
-        f"[2/3] windows of {wc.length} x {wc.size} x {wc.size}: {w['all']} "
+        f"[2/{steps}] windows of {wc.length} x {wc.size} x {wc.size}: {w['all']} "
         f"(train {w['train']}, val {w['val']}, test {w['test']}; split {cfg.data.split.scheme})"
     )
 
@@ -57,10 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     dt = time.perf_counter() - t0
     lo, hi = (float(batch["x"].min()), float(batch["x"].max())) if batch is not None else (0, 0)
     print(
-        f"[3/3] one shuffled training epoch: {n} windows in {dt:.2f} s ({n / dt:,.0f}/s), "
+        f"[3/{steps}] one shuffled training epoch: {n} windows in {dt:.2f} s ({n / dt:,.0f}/s), "
         f"batch {tuple(batch['x'].shape) if batch is not None else ()}, "
         f"scaled range [{lo:.2f}, {hi:.2f}]"
     )
+    if do_train:
+        from cloudburst.training.job import check, run_training
+
+        tcfg = load_config(TrainJobConfig, VAE_DEMO).model_copy(update={"data": cfg.data})
+        tcfg, sizes, uri = check(tcfg)
+        print(
+            f"[4/4] training a small VAE on Ray ({tcfg.train.epochs} epochs of at most "
+            f"{tcfg.train.max_steps_per_epoch} steps); tracking {uri}"
+        )
+        outcome = run_training(tcfg, sizes, uri)
+        print(f"      model: {outcome.model_uri} (alias candidate), run {outcome.run_id}")
+        print(
+            "      look at:  .venv/bin/cloudburst models list\n"
+            f"                .venv/bin/mlflow ui --backend-store-uri {uri}"
+        )
     print(
         f"\nStore: {cfg.ingest.target}\n  inspect:  .venv/bin/cloudburst info {cfg.ingest.target}"
         f"\n  windows:  .venv/bin/cloudburst windows {cfg.ingest.target} --length {wc.length} "

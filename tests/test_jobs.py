@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,13 +30,24 @@ CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 REAL = ["chirps", "fraser", "radolan", "bom"]
 
 
-def job(script: str, *args: str) -> subprocess.CompletedProcess:
+RUN_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def job(script: str, *args: str, cwd: Path = ROOT, timeout: int = 180):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
-        [sys.executable, f"jobs/{script}", *args],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        cwd=cwd,
+        env={**env, **RUN_ENV},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
     )
 
 
@@ -58,12 +70,17 @@ def test_demo_runs_and_prints_the_summary(tmp_path):
         "data.windows.size=16",
         f"ingest.target={target}",
     ]
-    proc = job("demo.py", *overrides)
-    assert proc.returncode == 0, proc.stderr
+    # from an empty folder, as on a new machine: the store, Ray checkpoints and the MLflow
+    # store all land under it
+    proc = job("demo.py", *overrides, cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "Traceback" not in proc.stderr
-    for step in ("[1/3]", "[2/3]", "[3/3]"):
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert step in out
+    assert "model: models:/cloudburst-vae-demo/1 (alias candidate)" in out
+    assert (tmp_path / "outputs" / "mlflow" / "mlflow.db").exists()
+    assert any((tmp_path / "outputs" / "ray").iterdir())
     assert "120 steps x 24 x 24 cells" in out
     assert f"inspect:  .venv/bin/cloudburst info {target}" in out
 
@@ -79,6 +96,22 @@ def test_demo_runs_and_prints_the_summary(tmp_path):
     assert m and int(m.group(1)) == counts["train"]
     m = re.search(r"scaled range \[(-?[\d.]+), (-?[\d.]+)\]", out)
     assert m and 0.0 <= float(m.group(1)) <= float(m.group(2)) <= 1.0
+
+
+def test_demo_without_training_stops_after_the_data(tmp_path):
+    proc = job(
+        "demo.py",
+        "--no-train",
+        "synthetic.nt=60",
+        "synthetic.ny=16",
+        "synthetic.nx=16",
+        "data.windows.size=8",
+        f"ingest.target={tmp_path / 'd.zarr'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[3/3]" in proc.stdout and "[4/" not in proc.stdout
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_ingest_job_prints_the_summary_as_json(tmp_path):

@@ -1,0 +1,103 @@
+"""A whole training job: pre-flight, Ray Train, MLflow run, registration, evaluation.
+
+``jobs/train.py`` and the demo call :func:`run_training`; everything that can fail on a bad
+config fails in :func:`check` before a worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from cloudburst import storage, tracking
+from cloudburst.config import TrainJobConfig
+from cloudburst.data.ingest import open_store
+from cloudburst.data.transforms import for_data
+from cloudburst.evaluation.report import log_evaluation
+from cloudburst.training import ray_train
+
+PREFLIGHT_ERRORS = (ValueError, RuntimeError, storage.StorageError)
+
+
+@dataclass
+class TrainingOutcome:
+    model_uri: str
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+def check(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict[str, int], str]:
+    """(config with absolute paths, window counts, tracking URI); raises on a bad config."""
+    cfg = ray_train.absolute_paths(cfg)
+    sizes = ray_train.preflight(cfg)
+    uri = tracking.setup(cfg.run.tracking_uri, cfg.run.experiment)
+    return cfg, sizes, uri
+
+
+def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
+    """Train ``cfg`` (already through :func:`check`) and register the best checkpoint."""
+    import mlflow
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    use_gpu = cfg.train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers
+    metrics: dict[str, float] = {}
+    with mlflow.start_run(run_name=cfg.run.name) as run:
+        tracking.log_config(cfg)
+        mlflow.log_params(
+            {
+                "train_windows": sizes["train_windows"],
+                "val_windows": sizes["val_windows"],
+                "use_gpu": use_gpu,
+            }
+        )
+        trainer = ray_train.make_trainer(
+            cfg, use_gpu=use_gpu, tracking_uri=uri, mlflow_run_id=run.info.run_id
+        )
+        result = trainer.fit()
+        best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"], default=None)
+        checkpoint = best[0] if best else result.checkpoint
+        model = ray_train.load_checkpoint_model(cfg, checkpoint)
+        _, stats = open_store(
+            cfg.data.store,
+            storage.storage_options(
+                cfg.data.store,
+                endpoint_url=cfg.storage.endpoint_url,
+                anon=cfg.storage.anon,
+                extra=cfg.storage.options,
+            ),
+        )
+        window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
+        packaged = tracking.PrecipitationModel(
+            model,
+            cfg.model,
+            cfg.vae,
+            window,
+            for_data(stats, cfg.data.scaling, cfg.data.transform),
+            stats,
+        )
+        version, model_uri = tracking.log_and_register(
+            packaged,
+            name=cfg.run.registered_model,
+            run_id=run.info.run_id,
+            tags={
+                "dataset": cfg.data.store,
+                "loss": cfg.vae.loss,
+                "bins": cfg.vae.bins,
+                "window": "x".join(map(str, window)),
+            },
+            experiment=cfg.run.experiment,
+        )
+        try:
+            metrics = log_evaluation(cfg, packaged, run.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - the model is registered; report, do not fail
+            print(f"train: warning: evaluation failed: {exc!r}", file=sys.stderr)
+        else:
+            top = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "_top" in k)
+            print(f"train: evaluation figures and quantized MSE logged ({top or 'no bins'})")
+    return TrainingOutcome(model_uri, str(version), run.info.run_id, metrics)

@@ -94,6 +94,13 @@ def storage_options(
     return opts
 
 
+def options_from(url: str, settings: Any) -> dict[str, Any]:
+    """:func:`storage_options` from a config's storage section (endpoint_url, anon, options)."""
+    return storage_options(
+        url, endpoint_url=settings.endpoint_url, anon=settings.anon, extra=settings.options
+    )
+
+
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for ``url``."""
     proto = protocol_of(url)

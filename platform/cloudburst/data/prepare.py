@@ -11,9 +11,7 @@ from cloudburst.data.windows import PARTS, build_index, split_index
 
 
 def target_options(cfg: DatasetJobConfig, url: str) -> dict[str, Any]:
-    return storage.storage_options(
-        url, endpoint_url=cfg.storage.endpoint_url, anon=cfg.storage.anon, extra=cfg.storage.options
-    )
+    return storage.options_from(url, cfg.storage)
 
 
 def prepare_dataset(cfg: DatasetJobConfig, *, progress: bool = True) -> dict[str, Any]:

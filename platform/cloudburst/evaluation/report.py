@@ -40,12 +40,7 @@ def evaluation_windows(cfg: TrainJobConfig, transform: Any, limit: int = 256) ->
 
     Returns ``x`` (n, 1, t, y, x) float32, ``mask`` bool alike, ``part`` and ``stats``.
     """
-    opts = storage.storage_options(
-        cfg.data.store,
-        endpoint_url=cfg.storage.endpoint_url,
-        anon=cfg.storage.anon,
-        extra=cfg.storage.options,
-    )
+    opts = storage.options_from(cfg.data.store, cfg.storage)
     ds, stats = open_store(cfg.data.store, opts)
     index = build_index(ds, cfg.data.windows)
     part = "val"

@@ -65,12 +65,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
         model = ray_train.load_checkpoint_model(cfg, checkpoint)
         _, stats = open_store(
             cfg.data.store,
-            storage.storage_options(
-                cfg.data.store,
-                endpoint_url=cfg.storage.endpoint_url,
-                anon=cfg.storage.anon,
-                extra=cfg.storage.options,
-            ),
+            storage.options_from(cfg.data.store, cfg.storage),
         )
         window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
         packaged = tracking.PrecipitationModel(

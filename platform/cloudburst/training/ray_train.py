@@ -29,12 +29,7 @@ CHECKPOINT_FILE = "state.pt"
 
 
 def _data(cfg: TrainJobConfig) -> tuple[Any, Any, Any, Any]:
-    opts = storage.storage_options(
-        cfg.data.store,
-        endpoint_url=cfg.storage.endpoint_url,
-        anon=cfg.storage.anon,
-        extra=cfg.storage.options,
-    )
+    opts = storage.options_from(cfg.data.store, cfg.storage)
     ds, stats = open_store(cfg.data.store, opts)
     index = build_index(ds, cfg.data.windows)
     return (
@@ -168,12 +163,7 @@ def preflight(cfg: TrainJobConfig) -> dict[str, int]:
         )
     storage.check_writable(
         cfg.run.storage_path,
-        storage.storage_options(
-            cfg.run.storage_path,
-            endpoint_url=cfg.storage.endpoint_url,
-            anon=cfg.storage.anon,
-            extra=cfg.storage.options,
-        ),
+        storage.options_from(cfg.run.storage_path, cfg.storage),
     )
     return {"train_windows": len(train_idx), "val_windows": len(val_idx)}
 

@@ -31,8 +31,9 @@ def store(tmp_path_factory):
     return path
 
 
-def train(tmp_path, store, *overrides, timeout=400):
-    args = [
+def train_args(tmp_path, store, *overrides):
+    """The train job on a tiny VAE over ``store``, runs and models under ``tmp_path``."""
+    return [
         sys.executable,
         "jobs/train.py",
         "--config",
@@ -48,6 +49,10 @@ def train(tmp_path, store, *overrides, timeout=400):
         "train.max_steps_per_epoch=3",
         *overrides,
     ]
+
+
+def train(tmp_path, store, *overrides, timeout=400):
+    args = train_args(tmp_path, store, *overrides)
     env = {**os.environ, **ENV}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -109,24 +114,7 @@ def test_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, store):
 
     from mlflow.tracking import MlflowClient
 
-    args = [
-        sys.executable,
-        "jobs/train.py",
-        "--config",
-        "jobs/configs/vae-demo.yaml",
-        f"data.store={store}",
-        "data.windows.size=8",
-        "data.windows.length=4",
-        "data.windows.stride=4",
-        "vae.widths=[4, 8]",
-        "vae.latent=4",
-        f"run.storage_path={tmp_path / 'ray'}",
-        "run.name=killed",
-        f"run.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.max_steps_per_epoch=3",
-        "train.epochs=30",
-        "train.patience=100",
-    ]
+    args = train_args(tmp_path, store, "run.name=killed", "train.epochs=30", "train.patience=100")
     proc = subprocess.Popen(
         args,
         cwd=ROOT,

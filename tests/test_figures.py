@@ -175,8 +175,8 @@ def test_log_evaluation_logs_figures_and_metrics(tmp_path, mlflow_state):
     names = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
     assert names == {f"figures/{name}.png" for name in report.FIGURES}
     logged = client.get_run(run.info.run_id).data.metrics
-    bins = [k for k in logged if k.startswith("val_qmse_bin_")]
-    assert bins and {"val_qmse_top5", "val_qmse_top10"} <= set(logged)
+    bins = [k for k in logged if k.startswith("eval_qmse_bin_")]
+    assert bins and {"eval_qmse_top5", "eval_qmse_top10", "eval_active_units"} <= set(logged)
     assert all(np.isfinite(logged[k]) for k in bins)
     assert logged == pytest.approx(metrics)
     assert len(bins) < stats.bins or all(c > 0 for c in stats.histogram_counts)

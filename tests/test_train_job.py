@@ -59,10 +59,23 @@ def train(tmp_path, store, *overrides, timeout=400):
 
 @pytest.mark.integration
 def test_trains_registers_and_resumes(tmp_path, store):
-    first = train(tmp_path, store, "train.epochs=1", "run.name=resume-me")
+    first = train(
+        tmp_path, store, "train.epochs=1", "run.name=resume-me", "run.system_metrics_interval=0.2"
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "model: models:/cloudburst-vae-demo/1" in first.stdout
     run_id = first.stdout.split("run: ")[1].split()[0]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = client.get_run(run_id).data.metrics
+    # per epoch, from rank 0: reconstruction scores in physical units and system metrics
+    epoch_bins = [k for k in logged if k.startswith("val_qmse_bin_")]
+    assert epoch_bins and {"val_qmse_top5", "val_q0.99_input", "val_active_units"} <= set(logged)
+    assert [m.step for m in client.get_metric_history(run_id, "val_qmse_top5")] == [0]
+    assert any(k.startswith("system/cpu_utilization") for k in logged), sorted(logged)
+    # and the registered (best) model's evaluation
+    assert {"eval_qmse_top5", "eval_qmse_top10"} <= set(logged)
 
     from cloudburst import tracking
 
@@ -76,9 +89,6 @@ def test_trains_registers_and_resumes(tmp_path, store):
     second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "model: models:/cloudburst-vae-demo/2" in second.stdout
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run2 = second.stdout.split("run: ")[1].split()[0]
     steps = [m.step for m in client.get_metric_history(run2, "val_loss")]
     assert steps == [1]

@@ -303,6 +303,9 @@ class RunConfig(Strict):
     tracking_uri: str | None = None
     experiment: str = "cloudburst"
     registered_model: str = "cloudburst-vae"
+    system_metrics_interval: float | None = Field(
+        10.0, gt=0, description="seconds between MLflow system-metrics samples; None: off"
+    )
 
 
 class TrainJobConfig(Strict):

@@ -1,14 +1,19 @@
 """The post-training evaluation a training job logs to its MLflow run (no Ray needed).
 
-On up to ``limit`` validation windows (train windows if the validation split is empty), read
-exactly as the training workers read them: quantized MSE per bin of the store's (training)
-histogram in physical units, logged as ``val_qmse_bin_{j}`` (non-empty bins) and
-``val_qmse_top5`` / ``val_qmse_top10``; and five PNG figures under ``figures/``.
+On up to ``limit`` windows of a split (validation by default; train windows if it is empty),
+read exactly as the training workers read them: quantized MSE per bin of the store's histogram
+in physical units, logged as ``{prefix}qmse_bin_{j}`` (non-empty bins) and
+``{prefix}qmse_top5`` / ``{prefix}qmse_top10``, the 0.99 / 0.999 quantiles of inputs and
+reconstructions and the active latent units; and five PNG figures under ``figures/``.
+
+The same :func:`reconstruction_scores` runs on every epoch inside the training workers
+(prefix ``val_``) and on the registered model at the end (prefix ``eval_``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,9 +27,19 @@ from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset
 from cloudburst.data.windows import build_index, split_index
 from cloudburst.evaluation import figures
-from cloudburst.models.losses import quantized_mse
+from cloudburst.models.losses import active_units, quantized_mse
 
-__all__ = ["FIGURES", "evaluation_windows", "log_evaluation", "qmse_metrics"]
+__all__ = [
+    "FIGURES",
+    "QUANTILES",
+    "Reconstruction",
+    "evaluation_windows",
+    "log_evaluation",
+    "qmse_metrics",
+    "reconstruction_scores",
+]
+
+QUANTILES = (0.99, 0.999)
 
 FIGURES = (
     "reconstructions",
@@ -35,19 +50,23 @@ FIGURES = (
 )
 
 
-def evaluation_windows(cfg: TrainJobConfig, transform: Any, limit: int = 256) -> dict[str, Any]:
-    """Up to ``limit`` windows (model space) of the val split, else train, in index order.
+def evaluation_windows(
+    cfg: TrainJobConfig, transform: Any, limit: int | None = 256, part: str = "val"
+) -> dict[str, Any]:
+    """Windows (model space) of split ``part`` (val falls back to train when empty).
 
-    Returns ``x`` (n, 1, t, y, x) float32, ``mask`` bool alike, ``part`` and ``stats``.
+    With ``limit``, that many windows evenly spread over the part (in index order), so a
+    small evaluation still covers every season and year of the split. Returns ``x``
+    (n, 1, t, y, x) float32, ``mask`` bool alike, ``part`` and ``stats``.
     """
     opts = storage.options_from(cfg.data.store, cfg.storage)
     ds, stats = open_store(cfg.data.store, opts)
     index = build_index(ds, cfg.data.windows)
-    part = "val"
-    chosen = split_index(index, cfg.data.split, "val")
-    if len(chosen) == 0:
+    chosen = split_index(index, cfg.data.split, part)
+    if len(chosen) == 0 and part == "val":
         part, chosen = "train", split_index(index, cfg.data.split, "train")
-    chosen = chosen.subset(np.arange(min(int(limit), len(chosen))))
+    if limit is not None and len(chosen) > limit:
+        chosen = chosen.subset(np.unique(np.linspace(0, len(chosen) - 1, int(limit)).astype(int)))
     dataset = WindowDataset(
         cfg.data.store,
         chosen,
@@ -80,8 +99,58 @@ def qmse_metrics(mse: torch.Tensor, counts: torch.Tensor, prefix: str = "val_") 
     return out
 
 
-def _physical(packaged: tracking.PrecipitationModel, y: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(packaged.transform.inverse(y.detach().double().cpu())).clamp_min(0.0)
+def _physical(transform: Any, y: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(transform.inverse(y.detach().double().cpu())).clamp_min(0.0)
+
+
+@dataclass
+class Reconstruction:
+    """Inputs and deterministic reconstructions in physical units, with the scores on them."""
+
+    phys: torch.Tensor
+    phys_hat: torch.Tensor
+    mse: torch.Tensor
+    counts: torch.Tensor
+    metrics: dict[str, float]
+
+
+@torch.no_grad()
+def reconstruction_scores(
+    model: Any,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    transform: Any,
+    edges: Any,
+    *,
+    prefix: str = "val_",
+    batch_size: int = 64,
+) -> Reconstruction:
+    """Reconstruct ``x`` (model space) and score it in physical units.
+
+    Metrics: quantized MSE per non-empty bin of ``edges`` and its top 5 / 10 bins
+    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` (and 0.999),
+    and ``{prefix}active_units`` of the encoder means. ``model`` runs where its parameters are.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    mus, outs = [], []
+    for chunk in x.split(batch_size):
+        mu, _ = model.encode(chunk.to(device))
+        mus.append(mu.float().cpu())
+        outs.append(model.decode(mu).float().cpu())
+    model.train(was_training)
+    phys, phys_hat = _physical(transform, x), _physical(transform, torch.cat(outs))
+    edges_t = torch.as_tensor(np.asarray(edges), dtype=torch.float64)
+    mse, counts = quantized_mse(phys, phys_hat, edges_t, mask)
+    metrics = qmse_metrics(mse, counts, prefix)
+    valid = mask.to(torch.bool)
+    for q in QUANTILES:
+        metrics[f"{prefix}q{q}_input"] = float(torch.quantile(phys[valid].float(), q))
+        metrics[f"{prefix}q{q}_recon"] = float(torch.quantile(phys_hat[valid].float(), q))
+    mu_all = torch.cat(mus)
+    metrics[f"{prefix}active_units"] = float(active_units(mu_all)) if len(mu_all) > 1 else 0.0
+    return Reconstruction(phys, phys_hat, mse, counts, metrics)
 
 
 @torch.no_grad()
@@ -101,11 +170,11 @@ def log_evaluation(
     model = packaged.model.cpu().eval()
     data = evaluation_windows(cfg, packaged.transform, limit)
     x, mask, stats = data["x"], data["mask"], data["stats"]
-    x_hat = torch.cat([model.reconstruct(b) for b in x.split(batch_size)])
-    phys, phys_hat = _physical(packaged, x), _physical(packaged, x_hat)
     edges = torch.tensor(stats.histogram_edges, dtype=torch.float64)
-    mse, counts = quantized_mse(phys, phys_hat, edges, mask)
-    metrics = qmse_metrics(mse, counts)
+    rec = reconstruction_scores(
+        model, x, mask, packaged.transform, edges, prefix="eval_", batch_size=batch_size
+    )
+    phys, phys_hat, mse, counts, metrics = rec.phys, rec.phys_hat, rec.mse, rec.counts, rec.metrics
 
     client = MlflowClient()
     now = int(time.time() * 1000)
@@ -128,7 +197,7 @@ def log_evaluation(
         ),
         "samples": figures.samples_grid(packaged.sample(8, seed=seed), units),
         "latent_interpolation": figures.latent_interpolation(
-            _physical(packaged, model.decode(line)), units
+            _physical(packaged.transform, model.decode(line)), units
         ),
     }
     for name in FIGURES:

@@ -8,9 +8,11 @@ latest one, and ``FailureConfig`` restarts a failed worker group from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,11 +23,12 @@ from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
 from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
+from cloudburst.evaluation.report import reconstruction_scores
 from cloudburst.models import registry
-from cloudburst.models.losses import active_units
 from cloudburst.training.loop import EarlyStopping, LossModule, MeanMetrics, evaluate, train_steps
 
 CHECKPOINT_FILE = "state.pt"
+PROBE_WINDOWS = 512  # validation windows per rank scored in physical units every epoch
 
 
 def _data(cfg: TrainJobConfig) -> tuple[Any, Any, Any, Any]:
@@ -84,73 +87,123 @@ def train_worker(config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
 
     mixed = cfg.train.mixed_precision and device.type == "cuda"
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_ds.set_epoch(epoch)
-        mean = MeanMetrics()
-        loader = make_loader(
-            train_ds, cfg.data.loader.batch_size, num_workers=cfg.data.loader.num_workers
-        )
-        for metrics in train_steps(
-            step_module,
-            loader,
-            optimizer,
-            device=device,
-            mixed_precision=mixed,
-            max_steps=cfg.train.max_steps_per_epoch,
-        ):
-            mean.update(metrics, int(metrics.pop("batch_size")))
-        val = evaluate(
-            core,
-            make_loader(val_ds, cfg.data.loader.batch_size),
-            device=device,
-            mixed_precision=mixed,
-        )
-        # every rank sees equal shards: the mean of rank means is the global mean, and every
-        # rank then takes the same early-stopping decision (no rank left waiting in a collective)
-        report = world_mean(
-            {**mean.compute("train_"), **{f"val_{k}": v for k, v in val.items()}}, device
-        )
-        report.update({"epoch": epoch, "active_units": _active_units(core, val_ds, device)})
-        if rank == 0 and report["active_units"] < max(1, cfg.vae.latent // 10):
-            print(
-                f"warning: posterior collapse at epoch {epoch}: {report['active_units']} of "
-                f"{cfg.vae.latent} latent units active; the code carries almost no information. "
-                "Lower vae.reg_weight or raise vae.rec_weight (regulariser "
-                f"{cfg.vae.regulariser} = {report.get('val_' + cfg.vae.regulariser, 0.0):.3g}).",
-                flush=True,
+    probe_x, probe_mask = _probe_windows(val_ds, PROBE_WINDOWS)
+    with _system_metrics(config if rank == 0 else {}):
+        for epoch in range(start_epoch, cfg.train.epochs):
+            train_ds.set_epoch(epoch)
+            mean = MeanMetrics()
+            loader = make_loader(
+                train_ds, cfg.data.loader.batch_size, num_workers=cfg.data.loader.num_workers
             )
-        stop = stopper.step(report["val_loss"])
-        report["best_val_loss"] = stopper.best
-        if rank == 0 and config.get("mlflow_run_id"):
-            _log_epoch(config["tracking_uri"], config["mlflow_run_id"], report, epoch)
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
+            for metrics in train_steps(
+                step_module,
+                loader,
+                optimizer,
+                device=device,
+                mixed_precision=mixed,
+                max_steps=cfg.train.max_steps_per_epoch,
+            ):
+                mean.update(metrics, int(metrics.pop("batch_size")))
+            val = evaluate(
+                core,
+                make_loader(val_ds, cfg.data.loader.batch_size),
+                device=device,
+                mixed_precision=mixed,
+            )
+            # every rank sees equal shards: the mean of rank means is the global mean, and
+            # every rank takes the same early-stopping decision (none waits in a collective)
+            report = world_mean(
+                {**mean.compute("train_"), **{f"val_{k}": v for k, v in val.items()}}, device
+            )
+            # reconstruction scores in physical units on this rank's fixed probe windows
+            scores = reconstruction_scores(
+                core, probe_x, probe_mask, transform, stats.histogram_edges, prefix="val_"
+            ).metrics
+            report.update({**scores, "epoch": epoch})
             if rank == 0:
-                torch.save(
-                    {
-                        "model": core.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "early_stopping": stopper.state(),
-                    },
-                    os.path.join(folder, CHECKPOINT_FILE),
-                )
-                with open(os.path.join(folder, "metrics.json"), "w") as f:
-                    json.dump(report, f)
-                ckpt = Checkpoint.from_directory(folder)
-            ray.train.report(report, checkpoint=ckpt)
-        if stop:
-            break
+                _warn_on_collapse(cfg, report, epoch)
+            stop = stopper.step(report["val_loss"])
+            report["best_val_loss"] = stopper.best
+            if rank == 0 and config.get("mlflow_run_id"):
+                _log_epoch(config["tracking_uri"], config["mlflow_run_id"], report, epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                ckpt = None
+                if rank == 0:
+                    _write_checkpoint(folder, core, optimizer, stopper, report, epoch)
+                    ckpt = Checkpoint.from_directory(folder)
+                ray.train.report(report, checkpoint=ckpt)
+            if stop:
+                break
+
+
+def _warn_on_collapse(cfg: TrainJobConfig, report: dict[str, float], epoch: int) -> None:
+    """Posterior collapse, said as soon as an epoch shows it (fewer than 10% units active)."""
+    active = int(report["val_active_units"])
+    if active >= max(1, cfg.vae.latent // 10):
+        return
+    reg = cfg.vae.regulariser
+    print(
+        f"warning: posterior collapse at epoch {epoch}: {active} of {cfg.vae.latent} latent "
+        "units active; the code carries almost no information. Lower vae.reg_weight or raise "
+        f"vae.rec_weight (regulariser {reg} = {report.get('val_' + reg, 0.0):.3g}).",
+        flush=True,
+    )
+
+
+def _write_checkpoint(
+    folder: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stopper: EarlyStopping,
+    report: dict[str, float],
+    epoch: int,
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "early_stopping": stopper.state(),
+    }
+    torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(report, f)
 
 
 def _log_epoch(uri: str, run_id: str, report: dict[str, float], epoch: int) -> None:
-    """Per-epoch metrics into the driver's MLflow run (rank 0 only)."""
+    """Per-epoch metrics into the driver's MLflow run (rank 0 only), in one request."""
+    import time
+
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    for key, value in report.items():
-        if key != "epoch":
-            client.log_metric(run_id, key, float(value), step=epoch)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, epoch) for k, v in report.items() if k != "epoch"]
+    MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _system_metrics(config: dict[str, Any]) -> Iterator[None]:
+    """While open, MLflow samples this node's CPU, memory, disk, network and GPU into the
+    driver's run (``system/...`` metrics); nothing without a run. Never stops training."""
+    run_id, uri = config.get("mlflow_run_id"), config.get("tracking_uri")
+    interval = config.get("system_metrics_interval")
+    monitor = None
+    if run_id and uri and interval:
+        try:
+            import mlflow
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            mlflow.set_tracking_uri(uri)
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=float(interval))
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
+            print(f"warning: system metrics not logged: {exc!r}", flush=True)
+            monitor = None
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def preflight(cfg: TrainJobConfig) -> dict[str, int]:
@@ -181,20 +234,15 @@ def world_mean(metrics: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-@torch.no_grad()
-def _active_units(
-    model: Any, dataset: WindowDataset, device: torch.device, limit: int = 512
-) -> int:
-    """Latent dims whose posterior mean varies across (up to ``limit``) validation windows."""
-    xs = []
-    for i, item in enumerate(dataset):
-        if i >= limit:
+def _probe_windows(dataset: WindowDataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` windows of this rank's validation shard: scored every epoch."""
+    xs, masks = [], []
+    for item in dataset:
+        if len(xs) >= limit:
             break
         xs.append(item["x"])
-    if len(xs) < 2:
-        return 0
-    mu, _ = model.encode(torch.stack(xs).to(device))
-    return active_units(mu)
+        masks.append(item["mask"])
+    return torch.stack(xs), torch.stack(masks)
 
 
 def absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -231,6 +279,7 @@ def make_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
+            "system_metrics_interval": cfg.run.system_metrics_interval,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.workers,

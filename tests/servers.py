@@ -1,4 +1,4 @@
-"""Real object-storage servers on free loopback ports, for tests: moto (S3) and fake-gcs-server.
+"""Real servers on free loopback ports, for tests: moto (S3), fake-gcs-server, a Ray head.
 
 Each server runs in its own process group and is stopped by killing that group, so nothing is
 left behind. Readiness is polled for a bounded time; a server that does not come up raises
@@ -282,3 +282,113 @@ def fake_gcs_server(port: int | None = None) -> Iterator[Server]:
         endpoint = f"http://127.0.0.1:{chosen}"
         options = {"token": "anon", "project": "test", "endpoint_url": endpoint}
         yield Server("fake-gcs", "gs", endpoint, options, proc, _gcs_make_bucket(endpoint))
+
+
+# --------------------------------------------------------------------------------------------
+# A Ray cluster started with `ray start --head`, as users start one
+# --------------------------------------------------------------------------------------------
+
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+RAY_READY_TIMEOUT_S = 120.0
+_RAY_PORTS = (
+    "port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+)
+
+
+@dataclass
+class RayHead:
+    """A running head node: ``address`` for ``ray job submit``, ``env`` for its CLI calls."""
+
+    address: str
+    gcs_address: str
+    env: dict[str, str]
+    temp_dir: str
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def kill_processes_naming(marker: str) -> None:
+    """Kill every process whose command line holds ``marker``, and their children."""
+    import psutil
+
+    found: set[psutil.Process] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(marker in arg for arg in proc.info["cmdline"] or ()):
+                found.add(proc)
+                found.update(proc.children(recursive=True))
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(list(found), timeout=10)
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
+    """``ray start --head --block`` on loopback with every port free-picked, stopped on exit.
+
+    Only this cluster is stopped (its process group, then any process naming its temp dir):
+    ``ray stop`` would end every Ray instance on the machine. The job driver's ``python`` is
+    this interpreter (its folder leads PATH).
+    """
+    ports = {name: free_port() for name in _RAY_PORTS}
+    # short: Ray's Unix sockets live under it and their paths are limited to 107 bytes
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    bindir = os.path.dirname(sys.executable)
+    env = {
+        **os.environ,
+        **TEST_ENV,
+        **RAY_ENV,
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+    }
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+        f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
+    log = Path(temp_dir) / "ray-start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        address = f"http://127.0.0.1:{ports['dashboard-port']}"
+        deadline = time.monotonic() + RAY_READY_TIMEOUT_S
+        # the job server answers on the dashboard, but submits only once the agent is up
+        while not _port_open(ports["dashboard-agent-listen-port"]):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServerError(
+                    f"ray start did not come up within {RAY_READY_TIMEOUT_S:.0f} s "
+                    f"(exit code {proc.poll()}); output:\n"
+                    f"{log.read_text(errors='replace')[-3000:]}"
+                )
+            time.sleep(0.5)
+        _wait_ready(proc, f"{address}/api/version", log, "ray dashboard")
+        yield RayHead(address, f"127.0.0.1:{ports['port']}", env, temp_dir)
+    finally:
+        _kill_group(proc)
+        kill_processes_naming(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from servers import free_port, kill_processes_naming
 
 from cloudburst.config import SyntheticConfig
 from cloudburst.data.synthetic import write_synthetic
@@ -125,10 +127,13 @@ def test_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, store):
     from mlflow.tracking import MlflowClient
 
     args = train_args(tmp_path, store, "run.name=killed", "train.epochs=30", "train.patience=100")
+    # the driver's in-process cluster under a temp dir of its own, so that exactly its
+    # processes can be found and killed afterwards (`ray stop` would end every Ray instance)
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     proc = subprocess.Popen(
         args,
         cwd=ROOT,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV, "RAY_TMPDIR": ray_tmp},
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -142,11 +147,8 @@ def test_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, store):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-        capture_output=True,
-        timeout=60,
-    )  # the killed driver's in-process cluster
+        kill_processes_naming(ray_tmp)  # what of the killed driver's cluster outlived it
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     # every checkpoint left behind is whole: it loads
     import torch

@@ -87,6 +87,8 @@ def train_worker(config: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
 
     mixed = cfg.train.mixed_precision and device.type == "cuda"
+    if rank == 0 and config.get("mlflow_run_id"):
+        _log_worker_params(config, ctx.get_world_size(), device, mixed)
     probe_x, probe_mask = _probe_windows(val_ds, PROBE_WINDOWS)
     with _system_metrics(config if rank == 0 else {}):
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -167,6 +169,19 @@ def _write_checkpoint(
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         json.dump(report, f)
+
+
+def _log_worker_params(
+    config: dict[str, Any], world_size: int, device: torch.device, mixed: bool
+) -> None:
+    """What the workers actually got (the config only asks): logged once by rank 0."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config["tracking_uri"])
+    run_id = config["mlflow_run_id"]
+    client.log_param(run_id, "world_size", world_size)
+    client.log_param(run_id, "device", device.type)
+    client.log_param(run_id, "precision", "bf16-mixed" if mixed else "fp32")
 
 
 def _log_epoch(uri: str, run_id: str, report: dict[str, float], epoch: int) -> None:

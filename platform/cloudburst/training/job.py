@@ -42,7 +42,13 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # a local cluster with its dashboard: Ray Train's placement-group cleaner needs
+            # the state API behind it (without, it warns every second), users get the UI
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers

@@ -1,0 +1,2 @@
+"""Ensembles: one generation engine (``generate``), its Zarr store (``store``) and the
+weighted extreme-value estimates over it (``extremes``)."""

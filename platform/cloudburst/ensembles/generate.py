@@ -1,0 +1,409 @@
+"""The generation engine: a registered model and a request in, a complete Zarr ensemble out.
+
+Used alike by ``jobs/ensemble.py`` and the Serve deployment. Members are made chunk by chunk
+(memory is one chunk, whatever the member count) and written as they come; a retried or
+resumed request writes only the chunks that are missing, with the same bytes.
+
+Determinism: draw k's noise comes from ``SeedSequence([seed, k])`` alone, and the decoder
+always runs on batches of exactly ``batch_size`` rows (padded), so a member's values do not
+depend on which other members shared its batch: :func:`regenerate` of member k alone gives the
+bytes of the full run (on a given device and library build).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats as sps
+
+from cloudburst import storage, tracking
+from cloudburst.ensembles.request import EnsembleRequest, Scenario
+from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
+
+
+class EnsembleError(ValueError):
+    """The request cannot be served as asked (scenario unsupported, threshold unreachable...)."""
+
+
+@dataclass
+class ResolvedModel:
+    packaged: tracking.PrecipitationModel
+    uri: str  # as asked
+    version_uri: str  # models:/NAME/VERSION, or the asked URI when not from the registry
+    run_id: str | None
+
+
+def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """Load ``uri`` and pin it: an alias is resolved to the version it points at now."""
+    from mlflow.tracking import MlflowClient
+
+    version_uri, run_id = uri, None
+    if uri.startswith("models:/"):
+        name, _, ref = uri[len("models:/") :].partition("@")
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if ref:
+            mv = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = uri[len("models:/") :].rpartition("/")
+            mv = client.get_model_version(name, number)
+        version_uri, run_id = f"models:/{mv.name}/{mv.version}", mv.run_id
+    packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
+    return ResolvedModel(packaged, uri, version_uri, run_id)
+
+
+# ---------------------------------------------------------------------------------- draws
+
+
+def _rng(seed: int, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(k)]))
+
+
+def decoder_direction(model: Any, latent: int, draws: int = 64) -> np.ndarray:
+    """Unit latent direction along which decoded maxima grow fastest on average.
+
+    The gradient of the mean of each decoded window's top 1% pixels, averaged over ``draws``
+    fixed prior draws: a property of the model alone, so it is the same on every replica.
+    """
+    device = next(model.parameters()).device
+    z = torch.from_numpy(_rng(0, 0).standard_normal((draws, latent))).float().to(device)
+    z.requires_grad_(True)
+    with torch.enable_grad():
+        out = model.decode(z).flatten(1)
+        k = max(1, out.shape[1] // 100)
+        out.topk(k, dim=1).values.mean().backward()
+    grad = z.grad.detach().double().cpu().numpy().mean(axis=0)
+    norm = float(np.linalg.norm(grad))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise EnsembleError("the decoder's maxima do not vary with z; give scenario.direction")
+    return grad / norm
+
+
+class LatentProposal:
+    """Draws z for draw indices, with importance weights p(z) / q(z) under the scenario."""
+
+    def __init__(self, scenario: Scenario, latent: int, direction: np.ndarray | None) -> None:
+        self.s = scenario
+        self.d = latent
+        self.direction = direction
+        self.r_q = float(sps.chi.ppf(scenario.tail_quantile, latent))
+
+    def draw(self, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = np.empty((len(indices), self.d), dtype=np.float64)
+        w = np.ones(len(indices), dtype=np.float64)
+        s, a = self.s, self.s.defensive
+        for i, k in enumerate(indices):
+            rng = _rng(seed, int(k))
+            u = rng.standard_normal(self.d)
+            if s.kind == "unconditional":
+                z[i] = u
+                continue
+            from_prior = rng.random() < a
+            if s.proposal == "tail":
+                if from_prior:
+                    z[i] = u
+                else:
+                    q = s.tail_quantile
+                    r = sps.chi.ppf(q + (1.0 - q) * rng.random(), self.d)
+                    z[i] = u / np.linalg.norm(u) * r
+                in_tail = float(np.linalg.norm(z[i]) > self.r_q)
+                w[i] = 1.0 / (a + (1.0 - a) * in_tail / (1.0 - s.tail_quantile))
+            else:
+                assert self.direction is not None
+                shift = s.shift * self.direction
+                z[i] = u if from_prior else u + shift
+                log_ratio = float(z[i] @ shift) - 0.5 * float(shift @ shift)
+                w[i] = 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))
+        return z, w
+
+
+# ---------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class EnsembleResult:
+    output: str
+    members: int
+    seconds: float
+    chunks_written: int
+    model_version: str
+    acceptance_rate: float
+    summary: dict[str, Any]
+
+
+class Generator:
+    """A loaded model bound to a request: draws, decodes and writes chunks."""
+
+    def __init__(self, request: EnsembleRequest, model: ResolvedModel) -> None:
+        self.request = request
+        self.model = model
+        packaged = model.packaged
+        net = packaged.model
+        self.latent = int(packaged.config.get("latent", 0)) if packaged.config else 0
+        if not (self.latent and hasattr(net, "decode")):
+            raise EnsembleError(
+                f"{model.uri} is a {packaged.name!r} model without a latent decoder; "
+                "the unconditional and extreme scenarios need a latent model (a VAE)"
+            )
+        s = request.scenario
+        direction = None
+        if s.kind == "extreme" and s.proposal == "shift":
+            if s.direction is not None:
+                direction = np.asarray(s.direction, dtype=np.float64)
+                if direction.shape != (self.latent,) or not np.linalg.norm(direction) > 0:
+                    raise EnsembleError(
+                        f"scenario.direction must be {self.latent} numbers, not all 0 "
+                        f"(got {len(s.direction)})"
+                    )
+                direction = direction / np.linalg.norm(direction)
+            else:
+                direction = decoder_direction(net, self.latent)
+        self.direction = direction
+        self.proposal = LatentProposal(s, self.latent, direction)
+        self.threshold = self._threshold()
+
+    def _threshold(self) -> float | None:
+        s = self.request.scenario
+        if s.threshold is not None:
+            return float(s.threshold)
+        if s.threshold_quantile is None:
+            return None
+        quantiles = (self.model.packaged.stats or {}).get("quantiles", {})
+        key = f"{s.threshold_quantile:g}"
+        if key not in quantiles:
+            raise EnsembleError(
+                f"the model's training statistics have no {key} quantile "
+                f"(they have {sorted(quantiles)}); give scenario.threshold in physical units"
+            )
+        return float(quantiles[key])
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Physical windows for latent rows ``z``, in padded batches of exactly batch_size."""
+        packaged = self.model.packaged
+        bs = self.request.batch_size
+        device = packaged.device
+        out = []
+        for a in range(0, len(z), bs):
+            rows = z[a : a + bs]
+            batch = np.zeros((bs, self.latent), dtype=np.float32)
+            batch[: len(rows)] = rows
+            y = packaged.model.decode(torch.from_numpy(batch).to(device))
+            out.append(packaged._to_physical(y)[: len(rows)])
+        return np.concatenate(out) if out else np.zeros((0, *packaged.window), np.float32)
+
+    def draws(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(windows, weights) of draws ``indices``."""
+        z, w = self.proposal.draw(self.request.seed, indices)
+        return self.decode(z), w
+
+    def chunk(self, layout: Layout, chunk: int, start: int) -> tuple[Any, ...]:
+        """Members of ``chunk``: (precip, weight, candidate, record) from draw ``start`` on."""
+        a, b = layout.span(chunk)
+        need = b - a
+        if self.threshold is None:
+            idx = np.arange(a, b, dtype=np.int64)
+            x, w = self.draws(idx)
+            record = {"draws": [a, b], "weight_sum": float(w.sum())}
+            return x, w, idx, record
+        xs, ws, cs = [], [], []
+        got, k = 0, start
+        limit = self.request.scenario.max_candidates_per_member * self.request.members
+        bs = self.request.batch_size
+        while got < need:
+            if k >= limit:
+                raise EnsembleError(
+                    f"after {k} draws only {a + got} members reach the threshold "
+                    f"{self.threshold:g} (acceptance {(a + got) / max(k, 1):.2g}); lower the "
+                    "threshold, use an extreme scenario, or raise max_candidates_per_member"
+                )
+            idx = np.arange(k, k + bs, dtype=np.int64)
+            x, w = self.draws(idx)
+            keep = np.flatnonzero(x.reshape(len(x), -1).max(axis=1) >= self.threshold)
+            keep = keep[: need - got]
+            xs.append(x[keep])
+            ws.append(w[keep])
+            cs.append(idx[keep])
+            got += len(keep)
+            # the chunk ends at the draw that completed it: the next chunk starts after it
+            k = int(idx[keep[-1]]) + 1 if got == need and len(keep) else k + bs
+        # the weights of every draw in [start, k), accepted or not, are summed by the caller
+        return np.concatenate(xs), np.concatenate(ws), np.concatenate(cs), {"draws": [start, k]}
+
+
+def _chunk_weight_sum(gen: Generator, start: int, end: int) -> float:
+    """Sum of weights of every draw in [start, end) (accepted or not)."""
+    total = 0.0
+    for a in range(start, end, 4096):
+        b = min(end, a + 4096)
+        _, w = gen.proposal.draw(gen.request.seed, np.arange(a, b))
+        total += float(w.sum())
+    return total
+
+
+def layout_of(request: EnsembleRequest, window: tuple[int, int, int]) -> Layout:
+    return Layout(request.members, tuple(window), min(request.chunk_members, request.members))
+
+
+def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -> dict[str, Any]:
+    stats = model.packaged.stats or {}
+    out: dict[str, Any] = {
+        "title": f"Cloudburst ensemble of {model.version_uri}",
+        "model_uri": model.uri,
+        "model_version_uri": model.version_uri,
+        "mlflow_run_id": model.run_id or "",
+        "model_kind": model.packaged.name,
+        "scenario": request.scenario.kind,
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "training_units": stats.get("units", ""),
+    }
+    if gen.threshold is not None:
+        out["threshold"] = gen.threshold
+    if gen.direction is not None:
+        out["direction"] = [float(v) for v in gen.direction]
+    for key in ("time_step_hours",):
+        if key in stats:
+            out[key] = stats[key]
+    return out
+
+
+def generate(
+    request: EnsembleRequest,
+    *,
+    model: ResolvedModel | None = None,
+    tracking_uri: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    progress: bool = False,
+) -> EnsembleResult:
+    """Make (or finish) the ensemble ``request`` asks for; see the module doc.
+
+    ``on_chunk(members_done, members)`` is called after each chunk is written.
+    """
+    t0 = time.perf_counter()
+    options = storage.options_from(request.output, request.storage)
+    storage.check_reachable(request.output, options)
+    marker = read_marker(request.output, options)
+    model = model or resolve(_pinned(request, options) or request.model, tracking_uri)
+    gen = Generator(request, model)
+    identity = {**request.identity(), "model_version_uri": model.version_uri}
+    layout = layout_of(request, model.packaged.window)
+    store = EnsembleStore.open(
+        request.output,
+        options,
+        layout=layout,
+        identity=identity,
+        attrs=provenance(request, model, gen),
+        units=model.packaged.units,
+    )
+    if marker is not None and marker.get("fingerprint") == store.group.attrs.get(
+        "cloudburst_fingerprint"
+    ):
+        return _result(request, marker, model, 0, t0)
+    done = store.done()
+    written = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=request.members, desc=f"ensemble {request.output}", unit="member")
+        bar.update(sum(r["members"][1] - r["members"][0] for r in done.values()))
+    start = 0
+    for chunk in range(layout.chunks):
+        if chunk in done:
+            start = int(done[chunk]["draws"][1])
+            continue
+        x, w, cand, record = gen.chunk(layout, chunk, start)
+        if gen.threshold is not None:
+            record["weight_sum"] = _chunk_weight_sum(gen, start, record["draws"][1])
+        store.write_chunk(chunk, x, w, cand, record)
+        written += 1
+        start = int(record["draws"][1])
+        a, b = layout.span(chunk)
+        if bar is not None:
+            bar.update(b - a)
+        if on_chunk is not None:
+            on_chunk(b, request.members)
+    if bar is not None:
+        bar.close()
+    records = store.done()
+    draws = max(int(r["draws"][1]) for r in records.values())
+    summary = {
+        "draws": draws,
+        "acceptance_rate": request.members / draws,
+        "draw_weight_sum": float(sum(r["weight_sum"] for r in records.values())),
+        "threshold": gen.threshold,
+        "model_version_uri": model.version_uri,
+    }
+    marker = store.complete(summary)
+    return _result(request, marker, model, written, t0)
+
+
+def _pinned(request: EnsembleRequest, options: dict[str, Any]) -> str | None:
+    """The model version an earlier, interrupted run of this output was made with."""
+    import json
+
+    import zarr
+
+    from cloudburst.ensembles.store import _zarr_store
+
+    if not storage.exists(storage.join(request.output, "zarr.json"), options):
+        return None
+    try:
+        attrs = zarr.open_group(_zarr_store(request.output, options, read_only=True)).attrs
+        asked = json.loads(str(attrs.get("request", "{}")))
+    except (OSError, ValueError, KeyError):
+        return None
+    if asked.get("model") != request.model or "model_version_uri" not in attrs:
+        return None
+    return str(attrs["model_version_uri"])
+
+
+def _result(
+    request: EnsembleRequest,
+    marker: dict[str, Any],
+    model: ResolvedModel,
+    written: int,
+    t0: float,
+) -> EnsembleResult:
+    return EnsembleResult(
+        output=request.output,
+        members=request.members,
+        seconds=time.perf_counter() - t0,
+        chunks_written=written,
+        model_version=model.version_uri,
+        acceptance_rate=float(marker.get("acceptance_rate", 1.0)),
+        summary=marker,
+    )
+
+
+def regenerate(
+    request: EnsembleRequest,
+    members: list[int] | np.ndarray,
+    *,
+    model: ResolvedModel | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(windows, weights) of ``members`` alone, as the full run made them.
+
+    With a rejecting threshold a member's draw index is read from the store's ``candidate``.
+    """
+    model = model or resolve(request.model, tracking_uri)
+    gen = Generator(request, model)
+    idx = np.asarray(members, dtype=np.int64)
+    if gen.threshold is not None:
+        import zarr
+
+        from cloudburst.ensembles.store import _zarr_store
+
+        options = storage.options_from(request.output, request.storage)
+        group = zarr.open_group(_zarr_store(request.output, options, read_only=True), mode="r")
+        idx = np.asarray(group["candidate"].get_coordinate_selection(idx))
+        if (idx < 0).any():
+            raise EnsembleStoreError("some of these members are not written yet")
+    return gen.draws(idx)

@@ -1,0 +1,76 @@
+"""What an ensemble request asks for: model, members, scenario, seed, output and chunking.
+
+One pydantic model shared by the batch job, the engine and the HTTP endpoint, so the three
+validate alike and every refusal names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cloudburst.config import StorageConfig
+
+MAX_MEMBERS = 10_000_000
+
+
+class Scenario(BaseModel):
+    """How members are drawn.
+
+    ``unconditional``: z ~ N(0, I), every weight 1. ``extreme``: z from a proposal that favours
+    the tail, each member with its importance weight p(z) / q(z), so weighted estimates stay
+    unbiased:
+
+    - ``proposal: shift`` (default): a defensive mixture of the prior (share ``defensive``)
+      and N(``shift`` d, I), d the unit latent direction along which decoded maxima grow
+      fastest (or ``direction`` if given);
+    - ``proposal: tail``: a defensive mixture of the prior and the prior restricted to radii
+      ||z|| beyond the ``tail_quantile`` of the chi distribution. Efficient only where heavy
+      rain comes with large codes whatever their direction; elsewhere the rare events it
+      misses are carried by the few defensive draws and its variance is high.
+
+    ``threshold`` (physical units) or ``threshold_quantile`` (of the training data) keeps only
+    members whose window has a pixel at or above it (rejection; acceptance rate recorded).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["unconditional", "extreme"] = "unconditional"
+    proposal: Literal["shift", "tail"] = "shift"
+    tail_quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    shift: float = Field(3.0, gt=0.0, le=20.0)
+    direction: list[float] | None = None
+    defensive: float = Field(0.1, gt=0.0, le=1.0)
+    threshold: float | None = Field(None, ge=0.0)
+    threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
+    max_candidates_per_member: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> Scenario:
+        if self.threshold is not None and self.threshold_quantile is not None:
+            raise ValueError("give threshold or threshold_quantile, not both")
+        return self
+
+    @property
+    def rejects(self) -> bool:
+        return self.threshold is not None or self.threshold_quantile is not None
+
+
+class EnsembleRequest(BaseModel):
+    """An ensemble: ``members`` windows of ``model`` into the Zarr store ``output``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION")
+    members: int = Field(ge=1, le=MAX_MEMBERS)
+    seed: int = Field(0, ge=0, lt=2**63)
+    output: str = Field(min_length=1, description="Zarr store URL: local path, s3://, gs://")
+    scenario: Scenario = Field(default_factory=Scenario)
+    batch_size: int = Field(64, ge=1, le=4096, description="members decoded per model call")
+    chunk_members: int = Field(256, ge=1, le=100_000, description="members per Zarr chunk")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def identity(self) -> dict[str, object]:
+        """What fixes the bytes of the store (not where it goes or how it is reached)."""
+        return self.model_dump(mode="json", exclude={"output", "storage"})

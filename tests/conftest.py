@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import servers
+# before mlflow is imported (see ../shared/STACK.md)
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+import servers  # noqa: E402
+from mlflow.tracking import _model_registry as _registry_state  # noqa: E402
+from mlflow.tracking import _tracking_service as _tracking_state  # noqa: E402
 
 # ---------------------------------------------------------------------------- object storage
 
@@ -31,3 +40,20 @@ def s3_server():
 def gcs_server():
     """A fake-gcs-server on a free loopback port: ``.endpoint``, ``.options``, ``.make_bucket``."""
     yield from _serve(servers.fake_gcs_server)
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+@pytest.fixture
+def mlflow_state(monkeypatch):
+    """Undo what the tracking glue sets process-wide (URIs, their env vars, the experiment)."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.setenv(var, "unset-by-test")  # records the original, restored afterwards
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(_tracking_state.utils, "_tracking_uri", None)
+    monkeypatch.setattr(_registry_state.utils, "_registry_uri", None)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()

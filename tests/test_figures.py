@@ -14,8 +14,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.tracking import _model_registry as _registry_state  # noqa: E402
-from mlflow.tracking import _tracking_service as _tracking_state  # noqa: E402
 
 from cloudburst import tracking  # noqa: E402
 from cloudburst.config import SyntheticConfig, TrainJobConfig, VAEConfig  # noqa: E402
@@ -136,20 +134,6 @@ def test_qmse_metrics_top_bins():
     assert sorted(k for k in out if "bin" in k) == [f"val_qmse_bin_{j}" for j in (0, 2, 3, 4, 5, 6)]
     assert out["val_qmse_top5"] == pytest.approx(4.0)
     assert out["val_qmse_top10"] == pytest.approx(3.5)
-
-
-@pytest.fixture
-def mlflow_state(monkeypatch):
-    """Undo what the tracking glue sets process-wide (URIs, their env vars, the experiment)."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.setenv(var, "unset-by-test")
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(_tracking_state.utils, "_tracking_uri", None)
-    monkeypatch.setattr(_registry_state.utils, "_registry_uri", None)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 def test_log_evaluation_logs_figures_and_metrics(tmp_path, mlflow_state):

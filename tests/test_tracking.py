@@ -23,8 +23,6 @@ import pytest  # noqa: E402
 import servers  # noqa: E402
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.tracking import _model_registry as _registry_state  # noqa: E402
-from mlflow.tracking import _tracking_service as _tracking_state  # noqa: E402
 
 from cloudburst import cli, tracking  # noqa: E402
 from cloudburst.config import DatasetJobConfig, VAEConfig  # noqa: E402
@@ -76,20 +74,6 @@ def assert_physical(arr: np.ndarray, n: int) -> None:
     assert arr.shape == (n, *WINDOW) and arr.dtype == np.float32
     assert np.isfinite(arr).all() and float(arr.min()) >= 0.0
     assert float(arr.max()) <= store_stats().max + 1e-3  # sigmoid output within [0, max]
-
-
-@pytest.fixture
-def mlflow_state(monkeypatch):
-    """Undo what the tracking glue sets process-wide (URIs, their env vars, the experiment)."""
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.setenv(var, "unset-by-test")  # records the original, restored afterwards
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(_tracking_state.utils, "_tracking_uri", None)
-    monkeypatch.setattr(_registry_state.utils, "_registry_uri", None)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
 
 
 @pytest.fixture

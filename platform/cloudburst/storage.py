@@ -197,6 +197,20 @@ def write_bytes_atomic(url: str, data: bytes, options: dict[str, Any] | None = N
         raise
 
 
+# Cloudburst's own records inside a Zarr store (completion marker, progress) live in this
+# subgroup: readers that list the store (xarray, zarr) see a group and warn about nothing.
+SIDECAR = "_cloudburst"
+_EMPTY_GROUP = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+def write_sidecar(store_url: str, name: str, data: bytes, options: dict[str, Any] | None) -> None:
+    """Write ``data`` as ``SIDECAR/name`` inside the Zarr store ``store_url``, atomically."""
+    group = join(store_url, SIDECAR, "zarr.json")
+    if not exists(group, options):
+        write_bytes_atomic(group, _EMPTY_GROUP, options)
+    write_bytes_atomic(join(store_url, SIDECAR, name), data, options)
+
+
 def remove(url: str, options: dict[str, Any] | None = None, *, recursive: bool = True) -> None:
     fs, path = filesystem(url, options)
     if fs.exists(path):

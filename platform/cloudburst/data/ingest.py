@@ -28,7 +28,8 @@ from cloudburst import storage
 from cloudburst.config import IngestConfig
 from cloudburst.data.sources import PRECIP, SourceError, open_source
 
-MARKER = ".cloudburst-complete.json"
+MARKER = f"{storage.SIDECAR}/complete.json"
+LEGACY_MARKER = ".cloudburst-complete.json"  # where stores before format 1.1 kept it
 FORMAT_VERSION = 1
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
 CHUNK_TARGET_BYTES = 4 * 2**20
@@ -203,11 +204,12 @@ def _fingerprint(request: dict[str, Any]) -> str:
 
 
 def read_marker(target: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    url = storage.join(target, MARKER)
-    try:
-        return json.loads(storage.read_bytes(url, options))
-    except FileNotFoundError:
-        return None
+    for name in (MARKER, LEGACY_MARKER):
+        try:
+            return json.loads(storage.read_bytes(storage.join(target, name), options))
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def _looks_like_zarr(target: str, options: dict[str, Any] | None) -> bool:
@@ -293,7 +295,8 @@ def ingest(
                 "Choose another target or remove it."
             )
     if marker is not None:  # a different request: the old store stops being complete first
-        storage.remove(storage.join(target, MARKER), target_options, recursive=False)
+        for name in (MARKER, LEGACY_MARKER):
+            storage.remove(storage.join(target, name), target_options, recursive=False)
 
     zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
     so = target_options if storage.is_remote(target) else None
@@ -340,8 +343,8 @@ def ingest(
         "stats": stats.to_dict(),
         "written": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
-    storage.write_bytes_atomic(
-        storage.join(target, MARKER), json.dumps(record, indent=1).encode(), target_options
+    storage.write_sidecar(
+        target, "complete.json", json.dumps(record, indent=1).encode(), target_options
     )
     return IngestResult(
         target, stats, (nt, ny, nx), layout, skipped=False, seconds=_time.perf_counter() - t0

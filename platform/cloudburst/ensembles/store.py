@@ -11,9 +11,10 @@ Layout (xarray opens it with ``xr.open_zarr(url, consolidated=False)``):
 - group attributes: provenance (model URI and resolved version, run id, the request, the seed
   rule, package version, creation time).
 
-Progress: after a member chunk's data is written, ``progress/chunk-NNNNNNNN.json`` records it;
-a resumed request writes only the chunks without one. ``.cloudburst-complete.json`` is written
-last: a store without it never reads as complete.
+Progress: after a member chunk's data is written, ``_cloudburst/progress/chunk-NNNNNNNN.json``
+records it; a resumed request writes only the chunks without one. ``_cloudburst/complete.json``
+is written last: a store without it never reads as complete. (``_cloudburst`` is a Zarr
+subgroup, so readers listing the store see nothing foreign.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import zarr
 
 from cloudburst import __version__, storage
 
-MARKER = ".cloudburst-complete.json"
-PROGRESS = "progress"
+MARKER = f"{storage.SIDECAR}/complete.json"
+PROGRESS = f"{storage.SIDECAR}/progress"
 FORMAT = "cloudburst-ensemble/1"
 SEED_RULE = (
     "member k (draw k when a threshold rejects draws) uses "
@@ -219,9 +220,6 @@ class EnsembleStore:
 
     # ------------------------------------------------------------------ progress
 
-    def _progress_url(self, chunk: int) -> str:
-        return storage.join(self.url, PROGRESS, f"chunk-{chunk:08d}.json")
-
     def done(self) -> dict[int, dict[str, Any]]:
         """Chunk index -> its progress record, for every chunk written whole."""
         fs, path = storage.filesystem(storage.join(self.url, PROGRESS), self.options)
@@ -254,8 +252,8 @@ class EnsembleStore:
         self.group["weight"][a:b] = weight.astype(np.float64, copy=False)
         self.group["candidate"][a:b] = candidate.astype(np.int64, copy=False)
         body = {"chunk": chunk, "members": [a, b], **record}
-        storage.write_bytes_atomic(
-            self._progress_url(chunk), json.dumps(body).encode(), self.options
+        storage.write_sidecar(
+            self.url, f"progress/chunk-{chunk:08d}.json", json.dumps(body).encode(), self.options
         )
 
     def complete(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -272,8 +270,8 @@ class EnsembleStore:
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **summary,
         }
-        storage.write_bytes_atomic(
-            storage.join(self.url, MARKER), json.dumps(body, indent=1).encode(), self.options
+        storage.write_sidecar(
+            self.url, "complete.json", json.dumps(body, indent=1).encode(), self.options
         )
         return body
 

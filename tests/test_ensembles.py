@@ -3,6 +3,8 @@ a real MLflow registry and real S3 / GCS servers on loopback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from cloudburst.models import registry
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
+ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (4, 8, 8)
 STATS = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 20.0, "0.999": 45.0}}
 
@@ -297,8 +300,44 @@ def test_alias_is_resolved_and_pinned_in_the_store(tmp_path, registered):
     ds = xr.open_zarr(req.output, consolidated=False)
     assert ds.attrs["model_uri"] == "models:/ens-vae@candidate"
     assert ds.attrs["mlflow_run_id"]
-    with pytest.raises(Exception, match="ens-vae@nope|alias"):
-        resolve("models:/ens-vae@nope", tracking_uri=uri)
+    for bad in ("models:/ens-vae@nope", "models:/ens-vae/99", "models:/unknown@candidate"):
+        with pytest.raises(EnsembleError, match="not found in the registry"):
+            resolve(bad, tracking_uri=uri)
+    with pytest.raises(EnsembleError, match="models:/NAME@ALIAS"):
+        resolve("runs:/abc/model", tracking_uri=uri)
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/ensemble.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_batch_job_generates_resumes_and_refuses_bad_requests(tmp_path, registered):
+    uri, version = registered
+    out = str(tmp_path / "job.zarr")
+    common = ["--model", "models:/ens-vae@candidate", "--tracking-uri", uri, "--output", out]
+    first = run_job(*common, "--members", "200", "--seed", "3", "--chunk-members", "64")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"ensemble: {out}" in first.stdout
+    assert xr.open_zarr(out, consolidated=False).precip.shape == (200, *WINDOW)
+    again = run_job(*common, "--members", "200", "--seed", "3", "--chunk-members", "64")
+    assert again.returncode == 0 and '"chunks_written": 0' in again.stdout
+
+    for args, words in [
+        (["--members", "-3"], "members"),
+        (["--members", "10", "--model", "models:/ens-vae@nope"], "not found in the registry"),
+        (["--members", "10", "--seed", "4"], "different ensemble"),
+        (["--members", "10", "--scenario", "extreme", "--threshold", "-1"], "threshold"),
+    ]:
+        bad = run_job(*common, *args)
+        assert bad.returncode == 2, (args, bad.stderr[-2000:])
+        assert words in bad.stderr, (args, bad.stderr[-2000:])
+        assert "Traceback" not in bad.stderr
 
 
 @pytest.mark.integration

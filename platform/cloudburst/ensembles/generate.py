@@ -41,20 +41,35 @@ class ResolvedModel:
 
 def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Load ``uri`` and pin it: an alias is resolved to the version it points at now."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    version_uri, run_id = uri, None
-    if uri.startswith("models:/"):
-        name, _, ref = uri[len("models:/") :].partition("@")
+    if not uri.startswith("models:/") or uri.count("/") < 1 or len(uri) <= len("models:/"):
+        raise EnsembleError(
+            f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    body = uri[len("models:/") :]
+    try:
         client = MlflowClient(tracking_uri=tracking_uri)
-        if ref:
-            mv = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = uri[len("models:/") :].rpartition("/")
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in body:
+            name, number = body.rsplit("/", 1)
             mv = client.get_model_version(name, number)
-        version_uri, run_id = f"models:/{mv.name}/{mv.version}", mv.run_id
-    packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
-    return ResolvedModel(packaged, uri, version_uri, run_id)
+        else:
+            raise EnsembleError(
+                f"model {uri!r} names no version or alias; use models:/{body}@candidate "
+                f"or models:/{body}/1"
+            )
+        version_uri = f"models:/{mv.name}/{mv.version}"
+        packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
+    except MlflowException as exc:
+        raise EnsembleError(
+            f"model {uri} not found in the registry: {exc.message}. `cloudburst models list` "
+            "shows the registered models, versions and aliases"
+        ) from None
+    return ResolvedModel(packaged, uri, version_uri, mv.run_id)
 
 
 # ---------------------------------------------------------------------------------- draws

@@ -39,37 +39,42 @@ class ResolvedModel:
     run_id: str | None
 
 
-def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
-    """Load ``uri`` and pin it: an alias is resolved to the version it points at now."""
+def pin(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(``models:/NAME/VERSION``, run id) that ``uri`` points at now; nothing is loaded."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if not uri.startswith("models:/") or uri.count("/") < 1 or len(uri) <= len("models:/"):
+    body = uri[len("models:/") :] if uri.startswith("models:/") else ""
+    if not body:
         raise EnsembleError(
             f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
         )
-    body = uri[len("models:/") :]
+    if "@" not in body and "/" not in body:
+        raise EnsembleError(
+            f"model {uri!r} names no version or alias; use models:/{body}@candidate "
+            f"or models:/{body}/1"
+        )
     try:
         client = MlflowClient(tracking_uri=tracking_uri)
         if "@" in body:
             name, alias = body.split("@", 1)
             mv = client.get_model_version_by_alias(name, alias)
-        elif "/" in body:
+        else:
             name, number = body.rsplit("/", 1)
             mv = client.get_model_version(name, number)
-        else:
-            raise EnsembleError(
-                f"model {uri!r} names no version or alias; use models:/{body}@candidate "
-                f"or models:/{body}/1"
-            )
-        version_uri = f"models:/{mv.name}/{mv.version}"
-        packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
     except MlflowException as exc:
         raise EnsembleError(
             f"model {uri} not found in the registry: {exc.message}. `cloudburst models list` "
             "shows the registered models, versions and aliases"
         ) from None
-    return ResolvedModel(packaged, uri, version_uri, mv.run_id)
+    return f"models:/{mv.name}/{mv.version}", mv.run_id
+
+
+def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """Load ``uri`` pinned to a version: an alias is resolved to the version it points at now."""
+    version_uri, run_id = pin(uri, tracking_uri)
+    packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
+    return ResolvedModel(packaged, uri, version_uri, run_id)
 
 
 # ---------------------------------------------------------------------------------- draws

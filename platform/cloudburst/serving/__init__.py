@@ -1,0 +1,1 @@
+"""The Ray Serve application over the ensemble engine."""

@@ -18,7 +18,7 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export NO_GCE_CHECK ?= true
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
 
-.PHONY: demo test lint format bench install clean
+.PHONY: demo test lint format bench serve install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/ensemble.py
+
+# the ensemble endpoint on embedded defaults: http://127.0.0.1:8000 (see README)
+serve: $(STAMP)
+	$(BIN)/serve run jobs/configs/serve.yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -6,7 +6,8 @@ python jobs/demo.py --config jobs/configs/chirps.yaml
 python jobs/demo.py --no-train               # data steps only
 
 Training uses jobs/configs/vae-demo.yaml with this dataset; the model is registered in the
-local MLflow store (outputs/mlflow) with alias `candidate`.
+local MLflow store (outputs/mlflow) with alias `candidate`, and a small ensemble of it is
+written to outputs/ensembles/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
 
 VAE_DEMO = Path(__file__).resolve().parent / "configs" / "vae-demo.yaml"
+ENSEMBLE_MEMBERS = 256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     do_train = "--no-train" not in argv
     argv = [a for a in argv if a != "--no-train"]
     cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
-    steps = 4 if do_train else 3
+    steps = 5 if do_train else 3
     print(f"[1/{steps}] preparing dataset '{cfg.name}' -> {cfg.ingest.target}")
     s = prepare_dataset(cfg)
     q = s["quantiles"]
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         tcfg = load_config(TrainJobConfig, VAE_DEMO).model_copy(update={"data": cfg.data})
         tcfg, sizes, uri = check(tcfg)
         print(
-            f"[4/4] training a small VAE on Ray ({tcfg.train.epochs} epochs of at most "
+            f"[4/{steps}] training a small VAE on Ray ({tcfg.train.epochs} epochs of at most "
             f"{tcfg.train.max_steps_per_epoch} steps); tracking {uri}"
         )
         outcome = run_training(tcfg, sizes, uri)
@@ -86,6 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "      look at:  .venv/bin/cloudburst models list\n"
             f"                .venv/bin/mlflow ui --backend-store-uri {uri}"
+        )
+        from cloudburst.ensembles.generate import generate
+        from cloudburst.ensembles.request import EnsembleRequest
+
+        ensemble = EnsembleRequest(
+            model=outcome.model_uri,
+            members=ENSEMBLE_MEMBERS,
+            seed=0,
+            output=str(Path("outputs/ensembles") / f"{cfg.name}-v{outcome.version}.zarr"),
+        )
+        result = generate(ensemble, tracking_uri=uri)
+        print(
+            f"[5/{steps}] ensemble of {result.members} members in {result.seconds:.1f} s: "
+            f"{result.output}\n"
+            f"      open it:  xarray.open_zarr('{result.output}', consolidated=False)\n"
+            "      more:     .venv/bin/python jobs/ensemble.py --model "
+            f"{outcome.model_uri} --members 10000 --seed 1 --output outputs/ensembles/big.zarr"
         )
     print(
         f"\nStore: {cfg.ingest.target}\n  inspect:  .venv/bin/cloudburst info {cfg.ingest.target}"

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import xarray as xr
+import yaml
 from samples import DATA as SHARED
 from samples import needs_data
 
@@ -25,7 +27,9 @@ from cloudburst.data.prepare import prepare_dataset
 from cloudburst.data.windows import build_index, split_index
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+SERVE_CONFIGS = [p for p in ALL_CONFIGS if "applications" in yaml.safe_load(p.read_text())]
+CONFIGS = [p for p in ALL_CONFIGS if p not in SERVE_CONFIGS]
 
 REAL = ["chirps", "fraser", "radolan", "bom"]
 
@@ -76,9 +80,13 @@ def test_demo_runs_and_prints_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "Traceback" not in proc.stderr
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert step in out
     assert "model: models:/cloudburst-vae-demo/1 (alias candidate)" in out
+    ensemble = tmp_path / "outputs" / "ensembles" / "demo-v1.zarr"
+    assert f"{ensemble.relative_to(tmp_path)}" in out
+    members = xr.open_zarr(ensemble, consolidated=False).precip
+    assert members.shape[0] == 256 and float(members.min()) >= 0
     assert (tmp_path / "outputs" / "mlflow" / "mlflow.db").exists()
     assert any((tmp_path / "outputs" / "ray").iterdir())
     assert "120 steps x 24 x 24 cells" in out
@@ -170,6 +178,20 @@ def test_every_config_validates(path):
     # overrides still apply on top of the file; a wrong one names the field
     with pytest.raises(ConfigError, match="data.windows.lenght"):
         load_config(DatasetJobConfig, path, ["data.windows.lenght=4"])
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.stem for p in SERVE_CONFIGS])
+def test_serve_configs_validate(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from cloudburst.serving.app import ServeSettings
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "cloudburst.serving.app:build"
+    settings = ServeSettings.model_validate(app.args).resolved()
+    assert all(os.path.isabs(p) for p in settings.allowed_prefixes)
+    assert settings.tracking_uri
 
 
 def test_all_real_sample_configs_are_there():

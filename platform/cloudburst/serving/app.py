@@ -45,6 +45,9 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    root: str | None = Field(
+        None, description="folder that relative local paths mean (default: where build runs)"
+    )
     tracking_uri: str | None = None
     state_url: str = "outputs/serve/state"
     allowed_prefixes: list[str] = Field(default_factory=lambda: ["outputs/ensembles"])
@@ -65,14 +68,33 @@ class ServeSettings(BaseModel):
         return self.api_key or os.environ.get(self.api_key_env) or None
 
     def prefixes(self) -> list[str]:
-        return [_normal(p) for p in self.allowed_prefixes]
+        return [_normal(self.absolute(p)) for p in self.allowed_prefixes]
+
+    def absolute(self, url: str) -> str:
+        """``url`` with a relative local path taken under ``root`` (replicas' working
+        directories are not the caller's)."""
+        if storage.is_remote(url):
+            return url
+        return os.path.normpath(os.path.join(self.root or os.getcwd(), storage.local_path(url)))
+
+    def resolved(self) -> "ServeSettings":
+        """Paths and the tracking URI fixed where ``build`` runs, for every replica alike."""
+        root = os.path.abspath(self.root or os.getcwd())
+        out = self.model_copy(update={"root": root})
+        return out.model_copy(
+            update={
+                "state_url": out.absolute(self.state_url),
+                "allowed_prefixes": [out.absolute(p) for p in self.allowed_prefixes],
+                "tracking_uri": tracking.tracking_uri(self.tracking_uri, root=root),
+            }
+        )
 
 
 def _normal(url: str) -> str:
-    """Comparable form of an output URL: local paths absolute and normalised."""
+    """Comparable form of an output URL: normalised, ending in one slash."""
     if storage.is_remote(url):
         return url.rstrip("/") + "/"
-    return os.path.abspath(storage.local_path(url)).rstrip("/") + "/"
+    return os.path.normpath(storage.local_path(url)).rstrip("/") + "/"
 
 
 class ApiError(Exception):
@@ -242,7 +264,7 @@ class EnsembleAPI:
         if req.chunk_members > s.max_chunk_members:
             raise ApiError(400, f"chunk_members {req.chunk_members} exceeds {s.max_chunk_members}")
         output = _normal(req.output)
-        if ".." in req.output.split("/") or not any(output.startswith(p) for p in s.prefixes()):
+        if not any(output.startswith(p) for p in s.prefixes()):
             raise ApiError(
                 403,
                 f"output {req.output} is outside the allowed prefixes "
@@ -323,6 +345,7 @@ class EnsembleAPI:
                 req = EnsembleRequest.model_validate(body)
             except ValidationError as exc:
                 raise ApiError(422, _validation_message(exc)) from None
+            req = req.model_copy(update={"output": self.settings.absolute(req.output)})
             self._check_bounds(req)
             if len(self.tasks) >= self.settings.max_queue:
                 raise ApiError(429, f"{len(self.tasks)} jobs in flight; retry later")
@@ -371,7 +394,7 @@ class EnsembleAPI:
 
 def build(args: dict[str, Any] | None = None) -> Any:
     """The application for ``serve run`` / ``serve deploy`` (``args``: :class:`ServeSettings`)."""
-    settings = ServeSettings.model_validate(args or {})
+    settings = ServeSettings.model_validate(args or {}).resolved()
     as_dict = settings.model_dump(mode="json")
     generator = EnsembleGenerator.options(
         autoscaling_config={

@@ -64,10 +64,13 @@ class Endpoint:
 
     def wait(self, job_id: str, timeout: float = 240.0) -> dict:
         deadline = time.monotonic() + timeout
+        body: dict = {}
         while time.monotonic() < deadline:
-            status, body = self.call("GET", f"/v1/ensembles/{job_id}")
-            assert status == 200, body
-            if body["status"] in ("done", "failed"):
+            try:
+                status, body = self.call("GET", f"/v1/ensembles/{job_id}")
+            except OSError:  # an ingress replica being replaced
+                status = 0
+            if status == 200 and body["status"] in ("done", "failed"):
                 return body
             time.sleep(0.5)
         raise AssertionError(f"job {job_id} not finished in {timeout} s: {body}")
@@ -155,32 +158,37 @@ def test_thousand_members_over_http(endpoint, where, s3_server, gcs_server):
     assert (ds.candidate.values == np.arange(1000)).all()
 
 
-def replica_actors():
+def replica_actors(deployment: str = "EnsembleGenerator"):
     import ray
 
-    return [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if "EnsembleGenerator" in a["name"]
-    ]
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if deployment in a["name"]]
+
+
+def kill(actors) -> None:
+    import ray
+
+    for actor in actors:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+def wait_running(endpoint, job_id: str, members: int) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = endpoint.call("GET", f"/v1/ensembles/{job_id}")[1]
+        if (state.get("members_done") or 0) >= members:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach {members} members: {state}")
 
 
 def test_killed_replica_still_ends_with_every_member_once_and_the_same_bytes(endpoint):
-    import ray
-
     output = str(endpoint.root / "out" / "killed.zarr")
     request = body(output, members=4000, chunk_members=100, batch_size=100)
     status, accepted = endpoint.call("POST", "/v1/ensembles", request)
     assert status == 202, accepted
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = endpoint.call("GET", f"/v1/ensembles/{accepted['id']}")[1]
-        if (state.get("members_done") or 0) >= 300:
-            break
-        time.sleep(0.1)
+    state = wait_running(endpoint, accepted["id"], 300)
     assert state["status"] == "running" and state["members_done"] < 4000, state
-    for actor in replica_actors():
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    kill(replica_actors("EnsembleGenerator"))
     done = endpoint.wait(accepted["id"])
     assert done["status"] == "done", done
     assert done["attempts"] >= 2
@@ -191,6 +199,22 @@ def test_killed_replica_still_ends_with_every_member_once_and_the_same_bytes(end
     a, b = (xr.open_zarr(p, consolidated=False) for p in (output, clean))
     assert (a.candidate.values == np.arange(4000)).all()
     assert a.precip.values.tobytes() == b.precip.values.tobytes()
+
+
+def test_job_outlives_its_ingress_replica(endpoint):
+    output = str(endpoint.root / "out" / "ingress.zarr")
+    status, accepted = endpoint.call(
+        "POST", "/v1/ensembles", body(output, members=3000, chunk_members=100, batch_size=100)
+    )
+    assert status == 202, accepted
+    wait_running(endpoint, accepted["id"], 200)
+    kill(replica_actors("EnsembleAPI"))
+    # the replacement ingress reads the job from the state store and drives it to the end
+    done = endpoint.wait(accepted["id"], timeout=300)
+    assert done["status"] == "done", done
+    ds = xr.open_zarr(output, consolidated=False)
+    assert (ds.candidate.values == np.arange(3000)).all()
+    assert np.isfinite(ds.precip.values).all()
 
 
 def test_twenty_concurrent_requests_complete_or_get_429(endpoint):

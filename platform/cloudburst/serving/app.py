@@ -239,9 +239,17 @@ class EnsembleAPI:
         self.jobs = JobStore.of(self.settings)
         self.tracking_uri = tracking.tracking_uri(self.settings.tracking_uri)
         self.tasks: dict[str, asyncio.Task] = {}
-        # jobs left unfinished by an earlier ingress replica are driven again (they resume)
-        for record in self.jobs.unfinished():
-            self._drive(record)
+        self.recovered = False
+
+    async def _recover(self) -> None:
+        """Once per replica, on its first request: drive again the jobs an earlier ingress
+        replica left unfinished (they resume from the store's progress)."""
+        if self.recovered:
+            return
+        self.recovered = True
+        for record in await asyncio.to_thread(self.jobs.unfinished):
+            if record["id"] not in self.tasks:
+                self._drive(record)
 
     # ------------------------------------------------------------ helpers
 
@@ -273,7 +281,7 @@ class EnsembleAPI:
 
     def _drive(self, record: dict[str, Any]) -> None:
         job_id = record["id"]
-        task = asyncio.get_event_loop().create_task(self._run(record))
+        task = asyncio.get_running_loop().create_task(self._run(record))
         self.tasks[job_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(job_id, None))
 
@@ -303,10 +311,12 @@ class EnsembleAPI:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        await self._recover()
         return {"status": "ok", "jobs_in_flight": len(self.tasks)}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
+        await self._recover()
         try:
             self._check_key(request)
             listed = await asyncio.to_thread(tracking.list_models, self.tracking_uri)
@@ -333,6 +343,7 @@ class EnsembleAPI:
         from cloudburst.ensembles.generate import EnsembleError, pin
         from cloudburst.ensembles.request import EnsembleRequest
 
+        await self._recover()
         try:
             self._check_key(request)
             try:
@@ -375,6 +386,7 @@ class EnsembleAPI:
 
     @api.get("/v1/ensembles/{job_id}")
     async def status(self, job_id: str, request: Request) -> Any:
+        await self._recover()
         try:
             self._check_key(request)
             if not job_id.isalnum():

@@ -326,11 +326,17 @@ class TrainJobConfig(Strict):
 
 def job_config_class(path: str | Path) -> type[BaseModel]:
     """The config model a YAML file is written for: a training job (it names ``train``,
-    ``model``, ``vae`` or ``run``) or a dataset job."""
+    ``model``, ``vae`` or ``run``) or a dataset job. A Ray Serve deploy file (it names
+    ``applications``) is refused with how to start it."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if isinstance(tree, dict) and "applications" in tree:
+        raise ConfigError(
+            f"{path} is a Ray Serve deploy config, not a job config: start it with "
+            f"`serve run {path}` (or `serve deploy {path}` onto a running cluster)"
+        )
     if isinstance(tree, dict) and {"train", "model", "vae", "run"} & set(tree):
         return TrainJobConfig
     return DatasetJobConfig

@@ -169,3 +169,239 @@ def test_log_evaluation_logs_figures_and_metrics(tmp_path, mlflow_state):
     for name in report.FIGURES:
         with open(os.path.join(local, f"{name}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- model comparison figures
+
+
+def legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_intensity_histograms_densities_integrate_to_one(tmp_path):
+    edges = np.array([0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0])
+    counts = {
+        "observed": np.array([500, 200, 150, 100, 60, 30, 15, 0, 3, 1, 1]),
+        "diffusion": torch.tensor([300, 250, 200, 120, 70, 40, 10, 5, 2, 0, 0]),
+    }
+    title = "observed vs diffusion, validation years"
+    fig = figures.intensity_histograms(edges, counts, "mm/day", title)
+    assert isinstance(fig, Figure)
+    full, low = fig.axes
+    assert fig.get_suptitle() == title
+    assert legend_texts(full) == ["observed", "diffusion"]
+    for ax in (full, low):
+        assert len(ax.lines) == 2
+        assert ax.get_yscale() == "log"
+        assert "mm/day" in ax.get_xlabel() and "mm/day" in ax.get_ylabel()
+    for line, c in zip(full.lines, counts.values(), strict=True):
+        x, y = line.get_data()
+        np.testing.assert_allclose(x, edges)
+        density = np.asarray(y[:-1], dtype=float)
+        assert np.isnan(density[np.asarray(c) == 0]).all()  # empty bins are not drawn
+        assert np.nansum(density * np.diff(edges)) == pytest.approx(1.0)
+    # default low end: the first 10 bins, same densities as the full panel
+    x, y = low.lines[0].get_data()
+    assert x[-1] == edges[10] and len(x) == 11
+    np.testing.assert_allclose(y[:-1], full.lines[0].get_data()[1][:10])
+    fig = figures.intensity_histograms(edges, counts, "mm/day", title, low_threshold=1.5)
+    assert fig.axes[1].lines[0].get_data()[0][-1] == 1.0  # bins up to an upper edge <= 1.5
+    assert saved(fig, tmp_path, "hist") > 1000
+
+
+def test_intensity_histograms_reject_bad_input():
+    edges = np.linspace(0.0, 10.0, 6)
+    good = np.ones(5)
+    with pytest.raises(ValueError, match="4 counts for 5 bins"):
+        figures.intensity_histograms(edges, {"a": good, "b": np.ones(4)}, "mm", "t")
+    with pytest.raises(ValueError, match="empty"):
+        figures.intensity_histograms(edges, {}, "mm", "t")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        figures.intensity_histograms(edges[::-1], {"a": good}, "mm", "t")
+    with pytest.raises(ValueError, match="low_threshold"):
+        figures.intensity_histograms(edges, {"a": good}, "mm", "t", low_threshold=1.0)
+    with pytest.raises(ValueError, match="total count is zero"):
+        figures.intensity_histograms(edges, {"a": np.zeros(5)}, "mm", "t")
+
+
+def test_qq_compare_log_and_linear(tmp_path):
+    sample = RNG.gamma(0.3, 10.0, size=20000)
+    levels = figures.qq_levels(sample.size)
+    ref = np.quantile(sample, levels)
+    others = {"vae": ref * 0.7, "diffusion": torch.from_numpy(ref * 1.1)}
+    title = "QQ: vae and diffusion vs observed, 2019"
+    fig = figures.qq_compare(levels, ref, others, "mm/day", title)
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == title
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert len(ax.lines) == 3  # two models and y = x
+    assert ax.lines[-1].get_linestyle() == "--"
+    assert legend_texts(ax) == ["vae", "diffusion", "y = x"]
+    assert f"{levels[-1]:.10g}" in ax.get_legend().get_title().get_text()
+    assert ax.get_xlabel() == "observed quantiles (mm/day)"
+    assert ax.get_ylabel() == "model quantiles (mm/day)"
+    x, y = ax.lines[0].get_data()
+    positive = ref > 0
+    np.testing.assert_allclose(x, ref[positive])  # zero quantiles dropped on log axes
+    np.testing.assert_allclose(y, ref[positive] * 0.7)
+    assert saved(fig, tmp_path, "qqc") > 1000
+    # a narrow range stays linear and keeps zeros
+    lv = np.linspace(0.0, 0.9, 10)
+    q = np.linspace(0.0, 1.0, 10)
+    lin = figures.qq_compare(lv, q, {"a": q, "b": q * 2}, "mm", "t", reference_label="radar")
+    assert lin.axes[0].get_xscale() == "linear"
+    assert lin.axes[0].lines[0].get_data()[0][0] == 0.0
+    assert lin.axes[0].get_xlabel().startswith("radar quantiles")
+    with pytest.raises(ValueError, match="b: 9 quantiles for 10 levels"):
+        figures.qq_compare(lv, q, {"a": q, "b": q[:-1]}, "mm", "t")
+    with pytest.raises(ValueError, match="reference"):
+        figures.qq_compare(lv, q[:-1], {"a": q}, "mm", "t")
+    with pytest.raises(ValueError, match="empty"):
+        figures.qq_compare(lv, q, {}, "mm", "t")
+
+
+def test_bias_maps_share_a_symmetric_scale(tmp_path):
+    a = RNG.normal(0.0, 0.3, size=(6, 5))
+    b = RNG.normal(0.1, 0.5, size=(6, 5))
+    a[0, 0] = np.nan
+    b[2, 3] = -2.5  # largest absolute value, negative
+    title = "bias of vae and diffusion, DJF"
+    fig = figures.bias_maps({"vae": a, "diffusion": torch.from_numpy(b)}, title)
+    assert fig.get_suptitle() == title
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2 and len(fig.axes) == 3  # one shared colourbar
+    assert [ax.get_title() for ax in panels] == ["vae", "diffusion"]
+    for ax in panels:
+        im = ax.images[0]
+        assert im.get_clim() == (pytest.approx(-2.5), pytest.approx(2.5))
+        assert im.cmap.name.startswith("RdBu_r")
+        assert im.cmap.get_bad()[:3] == pytest.approx((0.6, 0.6, 0.6))
+    assert fig.axes[-1].get_ylabel() == "mean-normalised bias"
+    assert saved(fig, tmp_path, "bias") > 1000
+    zero = figures.bias_maps({"a": np.zeros((3, 3)), "b": np.full((3, 3), np.nan)}, "t", "bias")
+    assert zero.axes[0].images[0].get_clim() == (-1e-6, 1e-6)
+    with pytest.raises(ValueError, match=r"b: expected a \(y, x\) map"):
+        figures.bias_maps({"a": a, "b": np.zeros((2, 3, 4))}, "t")
+    with pytest.raises(ValueError, match="empty"):
+        figures.bias_maps({}, "t")
+
+
+def test_spectra_log_log_skip_non_positive(tmp_path):
+    f = np.linspace(0.0, 0.5, 11)
+    p1 = np.r_[0.0, 1.0 / f[1:] ** 2]
+    p2 = p1 * 0.5
+    p2[5] = -1.0
+    title = "radial spectra: vae, diffusion, observed"
+    fig = figures.spectra({"vae": (f, p1), "diffusion": (f, p2)}, "wavenumber (1/km)", title)
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == title
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert len(ax.lines) == 2 and legend_texts(ax) == ["vae", "diffusion"]
+    assert ax.get_xlabel() == "wavenumber (1/km)" and ax.get_ylabel() == "power"
+    assert len(ax.lines[0].get_data()[0]) == 10  # zero frequency dropped
+    assert len(ax.lines[1].get_data()[0]) == 9  # and the negative power
+    assert saved(fig, tmp_path, "spectra") > 1000
+    with pytest.raises(ValueError, match="b: 11 frequencies and 10 power"):
+        figures.spectra({"a": (f, p1), "b": (f, p1[:-1])}, "k", "t")
+    with pytest.raises(ValueError, match="pair"):
+        figures.spectra({"a": (f, p1, p1)}, "k", "t")
+
+
+def test_rank_histograms_calibration_lines(tmp_path):
+    h1 = np.full(10, 0.1)
+    h2 = np.r_[0.3, np.full(8, 0.05), 0.3]
+    title = "rank histograms: ensemble of 9, vae and diffusion"
+    fig = figures.rank_histograms({"vae": h1, "diffusion": h2}, title)
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == title
+    assert len(ax.lines) == 3
+    assert legend_texts(ax) == ["vae", "diffusion", "calibrated"]
+    calibrated = ax.lines[-1]
+    assert calibrated.get_linestyle() == "--"
+    np.testing.assert_allclose(calibrated.get_ydata(), 0.1)
+    x, y = ax.lines[1].get_data()
+    np.testing.assert_allclose(x, np.linspace(0.0, 1.0, 11))
+    np.testing.assert_allclose(y[:-1], h2)
+    assert ax.get_xlim() == (0.0, 1.0)
+    assert ax.get_xlabel() == "rank of observation (normalised)"
+    assert ax.get_ylabel() == "relative frequency"
+    assert saved(fig, tmp_path, "rank") > 1000
+    mixed = figures.rank_histograms({"a": h1, "b": np.full(5, 0.2)}, "t")
+    assert len(mixed.axes[0].lines) == 4  # one calibrated line per ensemble size
+    assert {line.get_ydata()[0] for line in mixed.axes[0].lines[2:]} == {0.1, 0.2}
+    with pytest.raises(ValueError, match="b: empty"):
+        figures.rank_histograms({"a": h1, "b": np.array([])}, "t")
+    with pytest.raises(ValueError, match="non-negative"):
+        figures.rank_histograms({"a": -h1}, "t")
+
+
+def test_reliability_diagram_skips_nan(tmp_path):
+    forecast = np.array([0.05, 0.15, np.nan, 0.55, 0.85])
+    curves = {
+        "vae": {
+            "forecast": forecast,
+            "observed": np.array([0.04, 0.2, np.nan, 0.5, 0.7]),
+            "cases": np.array([5000, 800, 0, 40, 3]),
+        },
+        "diffusion": {
+            "forecast": np.array([0.05, 0.2, 0.35, 0.5, np.nan]),
+            "observed": np.array([0.05, np.nan, 0.3, 0.55, np.nan]),
+            "cases": torch.tensor([4000, 900, 200, 30, 0]),
+        },
+    }
+    title = "reliability, P(> 10 mm/day): vae and diffusion"
+    fig = figures.reliability_diagram(curves, title)
+    main, below = fig.axes
+    assert fig.get_suptitle() == title
+    assert len(main.lines) == 3  # diagonal and two models
+    assert legend_texts(main) == ["perfect reliability", "vae", "diffusion"]
+    assert main.get_xlim() == (0.0, 1.0) and main.get_ylim() == (0.0, 1.0)
+    assert len(main.lines[1].get_data()[0]) == 4
+    assert len(main.lines[2].get_data()[0]) == 3
+    assert below.get_yscale() == "log" and len(below.lines) == 2
+    np.testing.assert_allclose(below.lines[0].get_data()[1], [5000, 800, 40, 3])
+    assert main.get_ylabel() == "observed frequency"
+    assert below.get_xlabel() == "forecast probability" and below.get_ylabel() == "cases"
+    assert saved(fig, tmp_path, "reliability") > 1000
+    with pytest.raises(ValueError, match="missing key"):
+        figures.reliability_diagram({"a": {"forecast": forecast, "observed": forecast}}, "t")
+    bad = {"forecast": forecast, "observed": forecast[:3], "cases": forecast}
+    with pytest.raises(ValueError, match="differ in length"):
+        figures.reliability_diagram({"a": bad}, "t")
+
+
+def test_return_levels_bands(tmp_path):
+    periods = np.array([2.0, 5.0, 10.0, 20.0, 50.0, 100.0])
+    levels = 20.0 + 8.0 * np.log(periods)
+    curves = {
+        "observed": {
+            "periods": periods,
+            "levels": levels,
+            "lower": levels - 3.0,
+            "upper": np.r_[levels[:-1] + 3.0, np.nan],
+        },
+        "diffusion": {
+            "periods": periods,
+            "levels": levels * 0.9,
+            "lower": levels * 0.8,
+            "upper": levels * 1.0,
+        },
+    }
+    title = "GEV return levels of annual maxima: observed and diffusion"
+    fig = figures.return_levels(curves, "mm/day", title)
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == title
+    assert ax.get_xscale() == "log"
+    assert len(ax.lines) == 2 and legend_texts(ax) == ["observed", "diffusion"]
+    assert len(ax.collections) == 2
+    assert all(c.get_alpha() == pytest.approx(0.2) for c in ax.collections)
+    assert ax.get_xlabel() == "return period (years)"
+    assert "mm/day" in ax.get_ylabel()
+    assert saved(fig, tmp_path, "return") > 1000
+    bad = dict(curves["observed"], lower=levels[:-1])
+    with pytest.raises(ValueError, match="differ in length"):
+        figures.return_levels({"a": bad}, "mm/day", "t")
+    with pytest.raises(ValueError, match="missing key"):
+        figures.return_levels({"a": {"periods": periods}}, "mm/day", "t")
+    with pytest.raises(ValueError, match="empty"):
+        figures.return_levels({}, "mm/day", "t")

@@ -170,7 +170,7 @@ def test_histogram_accumulator_streams_with_weights():
 def test_tail_quantiles_are_exact_at_high_levels_and_close_below():
     rng = np.random.default_rng(8)
     vals = rain(rng, (50, 4000))
-    tq = TailQuantiles(np.linspace(0, 200, 4001), keep=20_001)  # the top 10 % of 200k values, and one
+    tq = TailQuantiles(np.linspace(0, 200, 4001), keep=20_001)  # top 10 % of 200k, and one
     for a in range(0, 50, 10):
         tq.update(vals[a : a + 10])
     flat = np.sort(vals.ravel())

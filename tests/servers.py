@@ -392,3 +392,45 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         _kill_group(proc)
         kill_processes_naming(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ MLflow
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """``mlflow server`` (SQLite store and artifacts under ``folder``) on a free loopback port,
+    in its own process group, killed afterwards; yields its URI."""
+    binary = Path(sys.executable).parent / "mlflow"
+    if not binary.exists():
+        raise ServerNotFound(f"no mlflow command next to {sys.executable}")
+    port = free_port()
+    log = Path(folder) / "mlflow-server.log"
+    cmd = [
+        str(binary),
+        "server",
+        "--backend-store-uri", f"sqlite:///{folder}/server.db",
+        "--artifacts-destination", str(Path(folder) / "server-artifacts"),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=folder,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, f"{uri}/health", log, "mlflow server")
+        yield uri
+    finally:
+        _kill_group(proc)

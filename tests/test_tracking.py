@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 # before mlflow is imported (see ../shared/STACK.md)
@@ -311,58 +310,14 @@ def test_log_figure_needs_a_run_and_writes_a_png(store):
 # ------------------------------------------------------------------ a real tracking server
 
 
-def _mlflow_binary() -> str:
-    binary = Path(sys.executable).parent / "mlflow"
-    if not binary.exists():
-        pytest.skip(f"no mlflow command next to {sys.executable}")
-    return str(binary)
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """``mlflow server`` on a free loopback port in its own process group, killed afterwards."""
-    port = unused_port()
-    log = tmp_path / "server.log"
-    cmd = [
-        _mlflow_binary(),
-        "server",
-        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-        "--artifacts-destination", str(tmp_path / "server-artifacts"),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-            preexec_fn=servers._die_with_parent,
-        )
-    uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 40
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not ready in 40 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield uri
-    finally:
-        servers._kill_group(proc)
+        with servers.mlflow_server(tmp_path) as uri:
+            yield uri
+    except servers.ServerNotFound as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.mark.integration

@@ -196,3 +196,71 @@ def test_the_job_evaluates_from_the_command_line_and_refuses_bad_input(store, re
 def test_nothing_to_evaluate_is_refused(store, tmp_path):
     with pytest.raises(EvaluationError, match="at least one --model or --ensemble"):
         evaluate(small(store, tmp_path))
+
+
+@pytest.mark.integration
+def test_an_extreme_scenario_store_is_verified_against_observed_extremes(store, tmp_path):
+    from cloudburst.ensembles.generate import ResolvedModel
+
+    packaged = trained(store, steps=20, seed=1)
+    maxima = packaged.sample(400, seed=5).reshape(400, -1).max(axis=1)
+    threshold = float(np.quantile(maxima, 0.7))
+    model = ResolvedModel(packaged, "models:/x/1", "models:/x/1", None)
+    ens = tmp_path / "extreme.zarr"
+    request = {
+        "model": "models:/x/1",
+        "members": 150,
+        "seed": 4,
+        "output": str(ens),
+        "scenario": {"kind": "extreme", "threshold": threshold},
+    }
+    generate(EnsembleRequest.model_validate(request), model=model)
+    result = evaluate(
+        small(store, tmp_path / "eval", ensembles=[str(ens)], log_to_mlflow=False),
+    )
+    assert result.run_id is None
+    (entry,) = result.report["models"]
+    assert entry["verified_against"].startswith(f"observed windows with a pixel >= {threshold:g}")
+    # importance weights: the return levels are the weighted empirical ones
+    assert entry["curves"]["return_levels"]["method"] == "importance-weighted-empirical"
+    assert "clim_crps_fair" not in entry["metrics"]  # defined for equal weights only
+    if "not verified" not in entry["verified_against"]:
+        assert np.isfinite(entry["metrics"]["clim_crps"])
+
+
+def test_importance_return_levels_match_the_prior_from_a_shifted_proposal():
+    from scipy import stats as sps
+
+    from cloudburst.evaluation.evaluate import _importance_levels
+
+    rng = np.random.default_rng(0)
+    periods = np.array([10.0, 100.0, 1000.0])
+    truth = sps.norm.isf(1.0 / periods)
+    # plain Monte Carlo: the empirical levels
+    plain = _importance_levels(
+        rng.normal(size=200_000), np.ones(200_000), 200_000, periods, rng, 10
+    )
+    np.testing.assert_allclose(plain["levels"], truth, atol=0.05)
+    # draws from N(2.5, 1) with weights p/q; only those above 1.0 kept (rejection), as stores do
+    z = rng.normal(2.5, 1.0, 20_000)
+    w = np.exp(-0.5 * z**2 + 0.5 * (z - 2.5) ** 2)
+    keep = z > 1.0
+    out = _importance_levels(z[keep], w[keep], z.size, periods, rng, 50)
+    np.testing.assert_allclose(out["levels"], truth, atol=0.06)
+    assert (np.array(out["lower"]) <= out["levels"]).all()
+    assert (np.array(out["levels"]) <= out["upper"]).all()
+    # a level below the rejection threshold cannot be told: NaN, not a wrong number
+    low = _importance_levels(z[keep], w[keep], z.size, np.array([1.5]), rng, 10)
+    assert np.isnan(low["levels"][0])
+
+
+def test_extreme_windows_are_the_wettest_with_a_pixel_above_the_threshold():
+    from cloudburst.evaluation.evaluate import _top_windows
+
+    x = np.zeros((5, 1, 2, 2))
+    x[0] = 3.0  # the largest total, no pixel above 5
+    x[1, 0, 0, 0] = 9.0
+    x[2, 0, 0, 0], x[2, 0, 1, 1] = 6.0, 4.0
+    x[3, 0, 0, 0] = np.nan
+    assert list(_top_windows(x, 2, 5.0)) == [2, 1]
+    assert list(_top_windows(x, 1, 100.0)) == []

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,50 +262,68 @@ class FieldSummary:
         )
 
 
-def _weighted_levels(
+def _importance_levels(
     values: np.ndarray,
     weights: np.ndarray,
+    draws: int,
     periods: np.ndarray,
     rng: np.random.Generator,
     n_boot: int,
 ) -> dict[str, Any]:
-    """Empirical return levels of weighted window maxima (levels 1 - 1 / T) with a bootstrap
-    over members; for importance-weighted ensembles, where a GEV fit would ignore weights."""
+    """Return levels of window maxima from an importance-weighted ensemble store.
+
+    P(max > L) = sum_i w_i 1[max_i > L] / draws (unbiased under the model's prior, rejected
+    draws included in ``draws``: see :mod:`cloudburst.ensembles.extremes`); the level for T
+    windows is the largest member maximum exceeded with probability >= 1 / T. Levels the
+    members cannot resolve (below a rejection threshold, or beyond half the top member's
+    mass) are NaN. Intervals: a bootstrap over members.
+    """
 
     def levels_of(v: np.ndarray, w: np.ndarray) -> np.ndarray:
-        order = np.argsort(v)
-        cdf = np.cumsum(w[order]) / w.sum()
-        idx = np.searchsorted(cdf, 1.0 - 1.0 / periods, side="left")
-        out = v[order][np.minimum(idx, v.size - 1)]
-        # a level beyond what the members resolve is unknown, not the largest member
-        return np.where(1.0 / periods < w[order][-1] / w.sum() * 0.5, np.nan, out)
+        order = np.argsort(v)[::-1]
+        exceed = np.cumsum(w[order]) / draws  # P(max >= v_(k)), descending values
+        target = 1.0 / periods
+        k = np.searchsorted(exceed, target, side="left")
+        out = v[order][np.minimum(k, v.size - 1)]
+        unresolved = (k >= v.size) | (target < 0.5 * w[order][0] / draws)
+        return np.where(unresolved, np.nan, out)
 
     levels = levels_of(values, weights)
     boot = np.empty((n_boot, periods.size))
     for b in range(n_boot):
         pick = rng.integers(0, values.size, values.size)
         boot[b] = levels_of(values[pick], weights[pick])
-    lower, upper = np.nanquantile(boot, [0.05, 0.95], axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
+        lower, upper = np.nanquantile(boot, [0.05, 0.95], axis=0)
     return {
-        "method": "weighted-empirical",
+        "method": "importance-weighted-empirical",
         "periods": periods.tolist(),
         "levels": levels.tolist(),
         "lower": lower.tolist(),
         "upper": upper.tolist(),
-        "params": {},
+        "params": {"draws": int(draws), "members": int(values.size)},
     }
 
 
 def _return_levels(
-    maxima: np.ndarray, weights: np.ndarray, periods: np.ndarray, request: EvaluationRequest
+    maxima: np.ndarray,
+    weights: np.ndarray,
+    periods: np.ndarray,
+    request: EvaluationRequest,
+    draws: int | None = None,
 ) -> dict[str, Any] | None:
+    """GEV fit (bootstrap intervals) to plain maxima; the importance estimator for stores
+    whose members are weighted or were kept by a threshold (``draws`` > members)."""
     ok = np.isfinite(maxima)
     maxima, weights = maxima[ok], weights[ok]
     if maxima.size < 20:
         return None
     rng = np.random.default_rng(request.seed)
-    if not np.allclose(weights, weights.mean()):
-        return _weighted_levels(maxima, weights, periods, rng, request.bootstrap)
+    weighted = not np.allclose(weights, weights.mean())
+    if weighted or (draws is not None and draws > maxima.size):
+        n = draws if draws is not None else maxima.size
+        return _importance_levels(maxima, weights, n, periods, rng, request.bootstrap)
     try:
         fit = gev_return_levels(
             maxima, periods, bootstrap=request.bootstrap, seed=request.seed, confidence=0.9
@@ -570,6 +589,7 @@ def _evaluate_store(
             "version_uri": attrs.get("model_version_uri"),
             "run_id": attrs.get("mlflow_run_id") or None,
             "scenario": attrs.get("scenario"),
+            "draws": int(marker.get("draws", weights.size)),
         },
     )
     summary = FieldSummary(obs_summary.edges, window, request.top_n, obs_summary.extreme)  # type: ignore[arg-type]
@@ -610,7 +630,7 @@ def _figures(
     obs: Observed,
     obs_summary: FieldSummary,
     thresholds: dict[str, float],
-    periods: np.ndarray,
+    observed_levels: dict[str, Any] | None,
     request: EvaluationRequest,
 ) -> dict[str, Any]:
     units = obs.units
@@ -714,10 +734,8 @@ def _figures(
                 rel, f"reliability of P(> {thresholds[name]:.3g} {units}) on {data}"
             )
     rl = {e.label: e.curves["return_levels"] for e in entries if e.curves.get("return_levels")}
-    if obs_summary.maxima:
-        o_rl = _return_levels(*obs_summary.arrays()[::2], periods, request)
-        if o_rl is not None:
-            rl = {"observed": o_rl} | rl
+    if observed_levels is not None:
+        rl = {"observed": observed_levels} | rl
     if rl:
         made["return_levels"] = figures.return_levels(
             rl,
@@ -794,13 +812,15 @@ def evaluate(
     for e in entries:
         assert e.summary is not None
         maxima, _, weights = e.summary.arrays()
-        rl = _return_levels(maxima, weights, periods, request)
+        rl = _return_levels(maxima, weights, periods, request, e.source.get("draws"))
         if rl is not None:
             e.curves["return_levels"] = rl
             for p, lev in zip(rl["periods"], rl["levels"], strict=True):
                 e.metrics[f"return_level_{p:g}"] = float(lev)
 
-    made = _figures(entries, obs, obs_summary, thresholds, periods, request)
+    o_max, _, o_w = obs_summary.arrays()
+    observed_levels = _return_levels(o_max, o_w, periods, request)
+    made = _figures(entries, obs, obs_summary, thresholds, observed_levels, request)
     out = Path(request.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -837,6 +857,7 @@ def evaluate(
                 "psd_spatial": dict(
                     zip(("wavenumber", "power"), obs_summary.spatial.compute(), strict=True)
                 ),
+                "return_levels": observed_levels,
                 "psd_temporal": dict(
                     zip(("frequency", "power"), obs_summary.temporal.compute(), strict=True)
                 ),

@@ -264,3 +264,23 @@ def test_extreme_windows_are_the_wettest_with_a_pixel_above_the_threshold():
     x[3, 0, 0, 0] = np.nan
     assert list(_top_windows(x, 2, 5.0)) == [2, 1]
     assert list(_top_windows(x, 1, 100.0)) == []
+
+
+def test_store_verification_does_not_depend_on_the_tile_size(store, tmp_path):
+    from cloudburst.ensembles.generate import ResolvedModel
+
+    model = ResolvedModel(trained(store, steps=5, seed=2), "models:/y/1", "models:/y/1", None)
+    ens = tmp_path / "plain.zarr"
+    request = {"model": "models:/y/1", "members": 64, "seed": 1, "output": str(ens)}
+    generate(EnsembleRequest.model_validate(request), model=model)
+    scores = []
+    for mb in (0.002, 64.0):  # one row of one step per tile, or the whole store at once
+        r = evaluate(
+            small(
+                store, tmp_path / f"e{mb}", ensembles=[str(ens)], log_to_mlflow=False, chunk_mb=mb
+            )
+        )
+        scores.append(r.report["models"][0]["metrics"])
+    for key in ("clim_crps", "clim_crps_fair", "clim_twcrps_q0.99", "clim_spread_skill"):
+        assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-9), key
+    assert scores[0]["clim_cases"] == 60 * 4 * 8 * 8

@@ -455,8 +455,11 @@ def _evaluate_model(
     model, transform = packaged.model.cpu().eval(), packaged.transform
     stats = packaged.stats or {}
     bs = request.batch_size
-    # reconstruction
     x = obs.x
+    if not (hasattr(model, "encode") and hasattr(model, "decode")):
+        _generate_and_summarise(entry, packaged, obs, obs_summary, thresholds, request, progress)
+        return None
+    # reconstruction
     recon = np.concatenate([packaged.reconstruct(x[a : a + bs]) for a in range(0, len(x), bs)])
     edges = torch.as_tensor(stats.get("histogram_edges") or obs.stats.histogram_edges)
     valid = torch.from_numpy(np.isfinite(x))
@@ -480,18 +483,7 @@ def _evaluate_model(
         entry.metrics[f"q{q}_recon"] = float(np.quantile(recon[np.isfinite(x)], q))
     progress(f"{entry.label}: reconstruction scored on {len(x)} windows")
 
-    # generation, streamed
-    summary = FieldSummary(obs_summary.edges, packaged.window, request.top_n, obs_summary.extreme)
-    generator = torch.Generator().manual_seed(request.seed)
-    done = 0
-    while done < request.samples:
-        n = min(bs, request.samples - done)
-        y = model.sample(n, generator=generator)
-        summary.update(packaged._to_physical(y))
-        done += n
-    entry.summary = summary
-    _generation_metrics(entry, obs_summary, thresholds.get("q0.99", obs.stats.quantile(0.99)))
-    progress(f"{entry.label}: {request.samples} windows generated and summarised")
+    _generate_and_summarise(entry, packaged, obs, obs_summary, thresholds, request, progress)
 
     # conditional ensembles: posterior draws for every observed window
     verifier = EnsembleVerifier(thresholds, seed=request.seed)
@@ -520,6 +512,30 @@ def _evaluate_model(
     return recon
 
 
+@torch.no_grad()
+def _generate_and_summarise(
+    entry: Entry,
+    packaged: Any,
+    obs: Observed,
+    obs_summary: FieldSummary,
+    thresholds: dict[str, float],
+    request: EvaluationRequest,
+    progress: Callable[[str], None],
+) -> None:
+    """``request.samples`` unconditional windows, generated and summarised batch by batch."""
+    summary = FieldSummary(obs_summary.edges, packaged.window, request.top_n, obs_summary.extreme)
+    generator = torch.Generator().manual_seed(request.seed)
+    done = 0
+    while done < request.samples:
+        n = min(request.batch_size, request.samples - done)
+        y = packaged.model.sample(n, generator=generator)
+        summary.update(packaged._to_physical(y))
+        done += n
+    entry.summary = summary
+    _generation_metrics(entry, obs_summary, thresholds.get("q0.99", obs.stats.quantile(0.99)))
+    progress(f"{entry.label}: {request.samples} windows generated and summarised")
+
+
 def _split_scores(entry: Entry, scores: dict[str, Any], prefix: str) -> None:
     for key, value in scores.items():
         if isinstance(value, dict | list):
@@ -533,14 +549,24 @@ def _split_scores(entry: Entry, scores: dict[str, Any], prefix: str) -> None:
 
 def _store_tiles(
     url: str, options: dict[str, Any] | None, budget_bytes: float
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(t0, t1, members (M, t1 - t0, y, x)) tiles of a store, each within ``budget_bytes``."""
+) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """(time slice, row slice, members (M, t, rows, x)) tiles of a store whose float64 copy
+    fits in ``budget_bytes``: several time steps, or rows of one step when members are many."""
     group = zarr.open_group(_zarr_store(url, options, read_only=True), mode="r")
     precip = group["precip"]
     m, t, y, x = precip.shape
-    step = max(1, min(t, int(budget_bytes // max(m * y * x * 8, 1))))
-    for a in range(0, t, step):
-        yield a, min(t, a + step), np.asarray(precip[:, a : a + step])
+    cells = max(1, int(budget_bytes // max(m * 8, 1)))
+    if cells >= y * x:
+        step = min(t, cells // (y * x))
+        for a in range(0, t, step):
+            ts = slice(a, min(t, a + step))
+            yield ts, slice(0, y), np.asarray(precip[:, ts])
+        return
+    rows = max(1, cells // x)
+    for a in range(t):
+        for b in range(0, y, rows):
+            ts, ys = slice(a, a + 1), slice(b, min(y, b + rows))
+            yield ts, ys, np.asarray(precip[:, ts, ys])
 
 
 def _store_window(url: str, request: EvaluationRequest) -> tuple[int, int, int]:
@@ -610,11 +636,11 @@ def _evaluate_store(
             return entry
     weighted = not np.allclose(weights, weights.mean())
     verifier = EnsembleVerifier(thresholds, seed=request.seed)
-    for t0, t1, tile in _store_tiles(url, options, request.chunk_mb * 2**20):
+    for ts, ys, tile in _store_tiles(url, options, request.chunk_mb * 2**20):
         m = tile.shape[0]
         verifier.update(
             tile.reshape(m, -1),
-            observed[:, t0:t1].reshape(len(observed), -1),
+            observed[:, ts, ys].reshape(len(observed), -1),
             weights if weighted else None,
         )
     _split_scores(entry, verifier.compute(), prefix="clim_")

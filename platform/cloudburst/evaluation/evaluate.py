@@ -662,7 +662,7 @@ def _figures(
     units = obs.units
     data = f"{Path(obs.store.rstrip('/')).name} {obs.part}"
     made: dict[str, Any] = {}
-    models = [e for e in entries if e.kind == "model"]
+    models = [e for e in entries if "qmse_per_bin" in e.curves]  # the ones that reconstruct
     names = ", ".join(e.label for e in entries)
     if models:
         rec = models[0].curves["qmse_per_bin"]

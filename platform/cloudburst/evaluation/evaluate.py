@@ -247,7 +247,9 @@ class FieldSummary:
         self.weights.append(wts)
         extreme = w[self.maxima[-1] > self.extreme]
         pool = extreme if self.top is None else np.concatenate([self.top, extreme])
-        order = np.argsort(np.nansum(pool.reshape(len(pool), -1), axis=1))[::-1]
+        order = np.argsort(np.nansum(pool.reshape(len(pool), int(np.prod(self.window))), axis=1))[
+            ::-1
+        ]
         self.top = pool[order[: self.top_n]].astype(np.float32)
 
     def cell_mean(self) -> np.ndarray:
@@ -672,7 +674,7 @@ def _figures(
             {e.label: e.curves["qmse_per_bin"]["counts"] for e in models},
             units=units,
         )
-        made["quantized_mse"].suptitle(f"quantized MSE per bin: {names} on {data}", fontsize=10)
+        figures.wrapped_title(made["quantized_mse"], f"quantized MSE per bin: {names} on {data}")
         qq = models[0].curves["qq_reconstruction"]
         made["qq_reconstruction"] = figures.qq_compare(
             qq["levels"],
@@ -772,7 +774,7 @@ def _figures(
     for e in models:
         if e.interpolation is not None:
             fig = figures.latent_interpolation(e.interpolation, units)
-            fig.suptitle(f"latent interpolation: {e.label}", fontsize=10)
+            figures.wrapped_title(fig, f"latent interpolation: {e.label}")
             made[f"latent_interpolation_{_slug(e.label)}"] = fig
     return made
 
@@ -780,7 +782,7 @@ def _figures(
 def _top_windows(x: np.ndarray, n: int, extreme: float) -> np.ndarray:
     """Indices of the ``n`` windows with the largest totals among those with a pixel above
     ``extreme`` (paper 000's extremes check)."""
-    flat = x.reshape(len(x), -1)
+    flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
     maxima = np.nanmax(np.where(np.isfinite(flat), flat, -np.inf), axis=1)
     candidates = np.flatnonzero(maxima > extreme)
     totals = np.nansum(flat[candidates], axis=1)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "wrapped_title",
     "bias_maps",
     "inputs_and_reconstructions",
     "intensity_histograms",
@@ -54,6 +55,14 @@ def _windows(a: Any) -> np.ndarray:
 
 def _label(units: str) -> str:
     return f"precipitation ({units})" if units else "precipitation"
+
+
+def wrapped_title(fig: Any, title: str) -> None:
+    """The figure's title, wrapped to its width (long model lists stay readable)."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 13))
+    fig.suptitle(textwrap.fill(title, width=width), fontsize=10)
 
 
 def _vmax(*arrays: np.ndarray) -> float:
@@ -95,7 +104,7 @@ def _frame_grid(
         cbar = fig.colorbar(images[g], ax=axs, shrink=0.9, pad=0.01)
         cbar.set_label(units, fontsize=8)
         cbar.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -372,7 +381,7 @@ def intensity_histograms(
         ax.set_title(panel, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     full.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -427,7 +436,7 @@ def qq_compare(
     ax.set_ylabel(f"model quantiles{_units(units)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, title=f"levels up to {float(np.nanmax(lv)):.10g}", title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -463,7 +472,7 @@ def bias_maps(maps: Mapping[str, Any], title: str, label: str = "mean-normalised
     cbar = fig.colorbar(image, ax=axes.tolist(), shrink=0.9, pad=0.02)
     cbar.set_label(label, fontsize=8)
     cbar.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -492,7 +501,7 @@ def spectra(
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -527,7 +536,7 @@ def rank_histograms(hists: Mapping[str, Any], title: str) -> Figure:
     ax.set_ylabel("relative frequency")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -560,7 +569,7 @@ def reliability_diagram(curves: Mapping[str, Mapping[str, Any]], title: str) -> 
     below.set_xlabel("forecast probability")
     below.set_ylabel("cases")
     below.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig
 
 
@@ -603,5 +612,5 @@ def return_levels(
     ax.set_ylabel(f"return level{_units(units)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    wrapped_title(fig, title)
     return fig

@@ -71,9 +71,13 @@ class EnsembleVerifier:
     # ------------------------------------------------------------------ accumulation
 
     def update(self, ens: Any, obs: Any, weights: Any | None = None) -> None:
-        """Add cases: ``ens`` (M, C) members, ``obs`` (N, C) or (C,); NaN observations skipped."""
-        x = torch.as_tensor(np.asarray(ens), dtype=torch.float64)
-        y = torch.as_tensor(np.asarray(obs), dtype=torch.float64)
+        """Add cases: ``ens`` (M, C) members, ``obs`` (N, C) or (C,); NaN observations skipped.
+
+        Works through sub-blocks of cells of at most ``max_elements`` member values, converted
+        to float64 one at a time: memory beyond the inputs is about 160 bytes per element.
+        """
+        x = np.asarray(ens)
+        y = np.asarray(obs)
         if y.ndim == 1:
             y = y[None]
         if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
@@ -84,8 +88,6 @@ class EnsembleVerifier:
         m = x.shape[0]
         if m < 2:
             raise ValueError("verification needs at least 2 members")
-        if not torch.isfinite(x).all():
-            raise ValueError("ensemble members hold NaN or infinite values")
         if self.members is None:
             self.members = m
             bins = min(self.rank_bins, m + 1)
@@ -102,7 +104,11 @@ class EnsembleVerifier:
             self.weighted = True
         step = max(1, self.max_elements // max(m, y.shape[0]))
         for a in range(0, x.shape[1], step):
-            self._block(x[:, a : a + step].T.contiguous(), y[:, a : a + step].T.contiguous(), w)
+            xb = torch.from_numpy(np.ascontiguousarray(x[:, a : a + step].T, dtype=np.float64))
+            if not torch.isfinite(xb).all():
+                raise ValueError("ensemble members hold NaN or infinite values")
+            yb = torch.from_numpy(np.ascontiguousarray(y[:, a : a + step].T, dtype=np.float64))
+            self._block(xb, yb, w)
 
     def _block(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
         """``x`` (C, M) members, ``y`` (C, N) observations, ``w`` (M,) normalised weights."""

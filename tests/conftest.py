@@ -45,15 +45,29 @@ def gcs_server():
 # ---------------------------------------------------------------------------- MLflow
 
 
-@pytest.fixture
-def mlflow_state(monkeypatch):
-    """Undo what the tracking glue sets process-wide (URIs, their env vars, the experiment)."""
+def _isolate_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.setenv(var, "unset-by-test")  # records the original, restored afterwards
         monkeypatch.delenv(var)
     monkeypatch.setattr(_tracking_state.utils, "_tracking_uri", None)
     monkeypatch.setattr(_registry_state.utils, "_registry_uri", None)
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+
+@pytest.fixture
+def mlflow_state(monkeypatch):
+    """Undo what the tracking glue sets process-wide (URIs, their env vars, the experiment)."""
+    _isolate_mlflow(monkeypatch)
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def mlflow_module_state():
+    """:func:`mlflow_state` for a module-scoped fixture (a server shared by a module's tests)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _isolate_mlflow(monkeypatch)
+        yield
+        while mlflow.active_run() is not None:
+            mlflow.end_run()

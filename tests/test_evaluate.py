@@ -60,7 +60,7 @@ def trained(store: str, steps: int = 40, seed: int = 0) -> tracking.Precipitatio
 
 
 @pytest.fixture(scope="module")
-def registered(store, tmp_path_factory):
+def registered(store, tmp_path_factory, mlflow_module_state):
     """The tiny model registered on a real MLflow server; (tracking URI, model URI, run id)."""
     folder = tmp_path_factory.mktemp("mlflow")
     try:
@@ -284,3 +284,30 @@ def test_store_verification_does_not_depend_on_the_tile_size(store, tmp_path):
     for key in ("clim_crps", "clim_crps_fair", "clim_twcrps_q0.99", "clim_spread_skill"):
         assert scores[0][key] == pytest.approx(scores[1][key], rel=1e-9), key
     assert scores[0]["clim_cases"] == 60 * 4 * 8 * 8
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("cloud", ["s3_server", "gcs_server"])
+def test_a_store_on_object_storage_is_verified_in_tiles(cloud, request, store, tmp_path):
+    from cloudburst.ensembles.generate import ResolvedModel
+
+    server = request.getfixturevalue(cloud)
+    url = f"{server.make_bucket('evaluated')}/ens.zarr"
+    model = ResolvedModel(trained(store, steps=5, seed=3), "models:/z/1", "models:/z/1", None)
+    ask = {"model": "models:/z/1", "members": 96, "seed": 2, "output": url, "chunk_members": 32}
+    ask["storage"] = {"options": server.options}
+    generate(EnsembleRequest.model_validate(ask), model=model)
+    result = evaluate(
+        small(
+            store,
+            tmp_path / "e",
+            ensembles=[url],
+            log_to_mlflow=False,
+            chunk_mb=0.01,
+            storage={"options": server.options},
+        )
+    )
+    (entry,) = result.report["models"]
+    assert entry["url"] == url and entry["members"] == 96
+    assert np.isfinite(entry["metrics"]["clim_crps_fair"])
+    assert entry["curves"]["return_levels"]["method"] == "gev-block-maxima"

@@ -218,7 +218,21 @@ def _system_metrics(config: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         if monitor is not None:
-            monitor.finish()
+            _finish_monitor(monitor)
+
+
+def _finish_monitor(monitor: Any) -> None:
+    """Stop the sampler, record one last sample (a run shorter than one interval still gets
+    its point) and flush. Never raises."""
+    try:
+        monitor._shutdown_event.set()
+        if monitor._process is not None:
+            monitor._process.join()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+    except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
+        print(f"warning: last system metrics sample not logged: {exc!r}", flush=True)
+    monitor.finish()
 
 
 def preflight(cfg: TrainJobConfig) -> dict[str, int]:

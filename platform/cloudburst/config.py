@@ -174,6 +174,32 @@ class VAEConfig(Strict):
         return v
 
 
+class DiffusionConfig(Strict):
+    """The v-prediction diffusion model (paper 001): U-Net size, schedule, input
+    transformation and sampler."""
+
+    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1)
+    blocks: int = Field(1, ge=1, description="residual blocks per U-Net level")
+    embedding: int = Field(64, ge=4, description="width of the lambda embedding")
+    lambda_min: float = -30.0
+    lambda_max: float = 30.0
+    transform: Literal["none", "sqrt", "learnt"] = "learnt"
+    min_gradient: float = Field(0.1, gt=0, description="c of the learnt transformation")
+    masking: tuple[float, float] = (-0.99975, 1.0)
+    steps: int = Field(100, ge=1, description="sampler steps")
+    sampler: Literal["ancestral", "ddim"] = "ancestral"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionConfig:
+        if not self.lambda_min < self.lambda_max:
+            raise ValueError("lambda_min must be below lambda_max")
+        if not self.masking[0] < self.masking[1]:
+            raise ValueError("masking must be an interval (low, high) with low < high")
+        if any(w < 1 for w in self.widths):
+            raise ValueError("every width must be >= 1")
+        return self
+
+
 class DatasetJobConfig(Strict):
     """Prepare a dataset: ingest an archive (or generate synthetic data) and index its windows.
 
@@ -312,15 +338,34 @@ class TrainJobConfig(Strict):
     """A training job: data, model, optimisation, run; `jobs/train.py --config ...`."""
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: Literal["vae"] = "vae"
+    model: Literal["vae", "diffusion"] = "vae"
     vae: VAEConfig = Field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @model_validator(mode="after")
+    def _diffusion_inputs(self) -> TrainJobConfig:
+        if self.model == "diffusion" and (
+            self.data.scaling != "unit" or self.data.transform != "none"
+        ):
+            raise ValueError(
+                "the diffusion model takes windows scaled to [0, 1] and applies its own "
+                "transformation: keep data.scaling=unit and data.transform=none, and choose "
+                "diffusion.transform (none, sqrt or learnt)"
+            )
+        return self
+
+    def model_section(self) -> VAEConfig | DiffusionConfig:
+        """The section of the model this job trains."""
+        return self.diffusion if self.model == "diffusion" else self.vae
+
     def learning_rate(self) -> float:
         if self.train.lr is not None:
             return self.train.lr
+        if self.model == "diffusion":
+            return 1e-4
         return 5e-5 if self.vae.loss in ("qt", "wqt", "rec+qt", "rec+wqt") else 1e-5
 
 
@@ -337,6 +382,6 @@ def job_config_class(path: str | Path) -> type[BaseModel]:
             f"{path} is a Ray Serve deploy config, not a job config: start it with "
             f"`serve run {path}` (or `serve deploy {path}` onto a running cluster)"
         )
-    if isinstance(tree, dict) and {"train", "model", "vae", "run"} & set(tree):
+    if isinstance(tree, dict) and {"train", "model", "vae", "diffusion", "run"} & set(tree):
         return TrainJobConfig
     return DatasetJobConfig

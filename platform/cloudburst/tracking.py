@@ -310,6 +310,10 @@ def model_config(name: str, config: Mapping[str, Any]) -> Any:
         from cloudburst.config import VAEConfig
 
         return VAEConfig.model_validate(dict(config))
+    if name == "diffusion":
+        from cloudburst.config import DiffusionConfig
+
+        return DiffusionConfig.model_validate(dict(config))
     return dict(config)
 
 

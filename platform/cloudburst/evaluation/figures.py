@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "transformation_curve",
     "wrapped_title",
     "bias_maps",
     "inputs_and_reconstructions",
@@ -611,6 +612,22 @@ def return_levels(
     ax.set_xlabel(period_label)
     ax.set_ylabel(f"return level{_units(units)}")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    wrapped_title(fig, title)
+    return fig
+
+
+def transformation_curve(values: Any, transformed: Any, units: str, title: str) -> Figure:
+    """The input transformation h: precipitation (physical units, x) to model space (y)."""
+    x, y = _vector(values), _vector(transformed)
+    if x.size != y.size or x.size < 2:
+        raise ValueError(f"{x.size} values and {y.size} transformed values: give >= 2 pairs")
+    fig = figure(figsize=(5.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x, y, lw=1.5, label="h")
+    ax.set_xlabel(_label(units))
+    ax.set_ylabel("model space")
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     wrapped_title(fig, title)
     return fig

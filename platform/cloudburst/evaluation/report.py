@@ -169,6 +169,8 @@ def log_evaluation(
     """
     model = packaged.model.cpu().eval()
     data = evaluation_windows(cfg, packaged.transform, limit)
+    if not hasattr(model, "encode"):
+        return _log_generative_evaluation(cfg, packaged, data, run_id, seed=seed)
     x, mask, stats = data["x"], data["mask"], data["stats"]
     edges = torch.tensor(stats.histogram_edges, dtype=torch.float64)
     rec = reconstruction_scores(
@@ -201,5 +203,59 @@ def log_evaluation(
         ),
     }
     for name in FIGURES:
+        tracking.log_figure(made[name], f"figures/{name}.png", run_id=run_id)
+    return metrics
+
+
+GENERATIVE_FIGURES = ("samples", "intensity_histograms", "transformation")
+
+
+@torch.no_grad()
+def _log_generative_evaluation(
+    cfg: TrainJobConfig,
+    packaged: tracking.PrecipitationModel,
+    data: dict[str, Any],
+    run_id: str,
+    *,
+    seed: int = 0,
+    samples: int = 16,
+) -> dict[str, float]:
+    """For models that only generate (diffusion): samples against the evaluation windows
+    (quantiles, intensity histograms) and the input transformation's curve."""
+    model = packaged.model
+    x, mask, stats = data["x"], data["mask"], data["stats"]
+    phys = _physical(packaged.transform, x)[mask].numpy()
+    generated = packaged.sample(samples, seed=seed)
+    flat = generated.ravel()
+    metrics = {"eval_mean_input": float(phys.mean()), "eval_mean_sample": float(flat.mean())}
+    for q in QUANTILES:
+        metrics[f"eval_q{q}_input"] = float(np.quantile(phys, q))
+        metrics[f"eval_q{q}_sample"] = float(np.quantile(flat, q))
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    client.set_tag(run_id, "evaluation_split", f"{data['part']} ({x.shape[0]} windows)")
+    units = stats.units or packaged.units
+    top = max(float(phys.max(initial=0.0)), float(flat.max(initial=0.0)), 1.0)
+    edges = np.concatenate([[0.0], np.geomspace(0.01, 2.0 * top, 80)])
+    counts = {
+        f"{data['part']} windows": np.histogram(np.clip(phys, 0, edges[-1]), edges)[0],
+        f"{samples} samples": np.histogram(np.clip(flat, 0, edges[-1]), edges)[0],
+    }
+    u = torch.linspace(0.0, 1.0, 201)
+    title = f"{cfg.run.registered_model} on {cfg.data.store}"
+    made = {
+        "samples": figures.samples_grid(generated[:8], units),
+        "intensity_histograms": figures.intensity_histograms(
+            edges, counts, units, f"intensities: {title}"
+        ),
+        "transformation": figures.transformation_curve(
+            _physical(packaged.transform, u).numpy(),
+            model.to_model_space(u).numpy(),
+            units,
+            f"input transformation ({cfg.diffusion.transform}): {title}",
+        ),
+    }
+    for name in GENERATIVE_FIGURES:
         tracking.log_figure(made[name], f"figures/{name}.png", run_id=run_id)
     return metrics

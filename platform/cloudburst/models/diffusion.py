@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["AlphaCosineSchedule", "ancestral_step", "ddim_step", "denoise", "sample", "v_loss"]
+__all__ = [
+    "AlphaCosineSchedule",
+    "DiffusionModel",
+    "ancestral_step",
+    "ddim_step",
+    "denoise",
+    "sample",
+    "v_loss",
+]
 
 Network = Callable[[Tensor, Tensor], Tensor]
 
@@ -191,3 +199,113 @@ def sample(
     if known is not None:
         z = torch.where(mask, known, z)  # type: ignore[arg-type]
     return z.detach()
+
+
+# ------------------------------------------------------------------------------- the model
+
+
+class DiffusionModel(torch.nn.Module):
+    """The diffusion model of a window shape: U-Net, schedule and input transformation.
+
+    Inputs are the loader's windows scaled to [0, 1] (``u``); the model maps them to [-1, 1]
+    by the configured transformation (``none``: 2u - 1; ``sqrt``: 2 sqrt(u) - 1; ``learnt``:
+    the monotone h, trained jointly) and samples back to [0, 1], inverting it.
+    """
+
+    def __init__(self, cfg: Any, window: tuple[int, int, int]) -> None:
+        super().__init__()
+        from cloudburst.models.monotone import MonotoneTransform
+        from cloudburst.models.unet3d import UNet3D
+
+        self.cfg = cfg
+        self.window = tuple(int(n) for n in window)
+        self.net = UNet3D(
+            self.window,
+            widths=tuple(cfg.widths),
+            blocks=cfg.blocks,
+            emb=cfg.embedding,
+            lambda_scale=max(abs(cfg.lambda_min), abs(cfg.lambda_max)),
+        )
+        self.schedule = AlphaCosineSchedule(cfg.lambda_min, cfg.lambda_max)
+        self.transform = MonotoneTransform(min_gradient=cfg.min_gradient)
+        if cfg.transform != "learnt":
+            self.transform.requires_grad_(False)
+
+    def forward(self, z: Tensor, lam: Tensor) -> Tensor:
+        return self.net(z, lam)
+
+    # -------------------------------------------------------------- input transformation
+
+    def to_model_space(self, u: Tensor) -> Tensor:
+        kind = self.cfg.transform
+        if kind == "learnt":
+            return self.transform(u)
+        if kind == "sqrt":
+            return 2.0 * torch.sqrt(u.clamp_min(0.0)) - 1.0
+        return 2.0 * u - 1.0
+
+    def from_model_space(self, y: Tensor) -> Tensor:
+        y = y.clamp(-1.0, 1.0)
+        kind = self.cfg.transform
+        if kind == "learnt":
+            return self.transform.inverse(y)
+        if kind == "sqrt":
+            return ((y + 1.0) / 2.0) ** 2
+        return (y + 1.0) / 2.0
+
+    # ------------------------------------------------------------------------ training
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Mean v-loss over valid pixels, minus the mean masked log-Jacobian when learnt."""
+        u = batch["x"]
+        mask = batch.get("mask")
+        y = self.to_model_space(u)
+        diff = v_loss(self.net, y, self.schedule, weight=mask).mean()
+        total = diff
+        metrics = {"diffusion": float(diff.detach())}
+        if self.cfg.transform == "learnt":
+            values = u[mask] if mask is not None else u
+            penalty = self.transform.penalty(values, tuple(self.cfg.masking))
+            total = diff + penalty
+            metrics["log_jacobian"] = float(-penalty.detach())
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    # ------------------------------------------------------------------------ sampling
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        condition: Any = None,
+        *,
+        steps: int | None = None,
+        sampler: str | None = None,
+    ) -> Tensor:
+        """``n`` windows (n, 1, time, y, x) in [0, 1]; ``condition`` is ``(known, mask,
+        guidance)`` with ``known`` in [0, 1] (see :func:`sample`)."""
+        device = next(self.parameters()).device
+        shape = (int(n), 1, *self.window)
+        known = mask = None
+        guidance = 0.0
+        if condition is not None:
+            known_u, mask, guidance = condition
+            with torch.no_grad():
+                known = self.to_model_space(known_u.to(device))
+        was = self.training
+        self.eval()
+        y = sample(
+            self.net,
+            shape,
+            self.schedule,
+            steps or self.cfg.steps,
+            sampler=sampler or self.cfg.sampler,  # type: ignore[arg-type]
+            known=known,
+            mask=mask,
+            guidance=float(guidance),
+            generator=generator,
+            device=device,
+        )
+        self.train(was)
+        with torch.no_grad():
+            return self.from_model_space(y)

@@ -38,3 +38,7 @@ def _load_builtin() -> None:
         from cloudburst.models.vae import VAE
 
         register("vae")(VAE)
+    if "diffusion" not in _BUILDERS:
+        from cloudburst.models.diffusion import DiffusionModel
+
+        register("diffusion")(DiffusionModel)

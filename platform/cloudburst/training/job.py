@@ -77,7 +77,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
         packaged = tracking.PrecipitationModel(
             model,
             cfg.model,
-            cfg.vae,
+            cfg.model_section(),
             window,
             for_data(stats, cfg.data.scaling, cfg.data.transform),
             stats,
@@ -88,9 +88,12 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             run_id=run.info.run_id,
             tags={
                 "dataset": cfg.data.store,
-                "loss": cfg.vae.loss,
-                "bins": cfg.vae.bins,
                 "window": "x".join(map(str, window)),
+                **(
+                    {"transform": cfg.diffusion.transform, "sampler": cfg.diffusion.sampler}
+                    if cfg.model == "diffusion"
+                    else {"loss": cfg.vae.loss, "bins": cfg.vae.bins}
+                ),
             },
             experiment=cfg.run.experiment,
         )

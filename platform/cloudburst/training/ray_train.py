@@ -69,7 +69,7 @@ def train_worker(config: dict[str, Any]) -> None:
         cfg.data.store, val_idx if len(val_idx) else train_idx, shuffle=False, **common
     )
 
-    model = registry.build(cfg.model, cfg.vae, train_idx.shape)
+    model = registry.build(cfg.model, cfg.model_section(), train_idx.shape)
     step_module = ray.train.torch.prepare_model(LossModule(model))
     core = model.to(device)
     optimizer = torch.optim.Adam(core.parameters(), lr=cfg.learning_rate(), betas=cfg.train.betas)
@@ -117,13 +117,15 @@ def train_worker(config: dict[str, Any]) -> None:
             report = world_mean(
                 {**mean.compute("train_"), **{f"val_{k}": v for k, v in val.items()}}, device
             )
-            # reconstruction scores in physical units on this rank's fixed probe windows
-            scores = reconstruction_scores(
-                core, probe_x, probe_mask, transform, stats.histogram_edges, prefix="val_"
-            ).metrics
-            report.update({**scores, "epoch": epoch})
-            if rank == 0:
-                _warn_on_collapse(cfg, report, epoch)
+            report["epoch"] = epoch
+            if hasattr(core, "encode"):
+                # reconstruction scores in physical units on this rank's fixed probe windows
+                scores = reconstruction_scores(
+                    core, probe_x, probe_mask, transform, stats.histogram_edges, prefix="val_"
+                ).metrics
+                report.update(scores)
+                if rank == 0:
+                    _warn_on_collapse(cfg, report, epoch)
             stop = stopper.step(report["val_loss"])
             report["best_val_loss"] = stopper.best
             if rank == 0 and config.get("mlflow_run_id"):
@@ -335,6 +337,6 @@ def load_checkpoint_model(cfg: TrainJobConfig, checkpoint: Any) -> torch.nn.Modu
             os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=False
         )
     window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
-    model = registry.build(cfg.model, cfg.vae, window)
+    model = registry.build(cfg.model, cfg.model_section(), window)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -332,3 +332,19 @@ def test_a_diffusion_job_config_checks_its_inputs():
         load_config(TrainJobConfig, overrides=["model=diffusion", "data.scaling=symmetric"])
     with pytest.raises(ConfigError, match="lambda_min must be below"):
         load_config(TrainJobConfig, overrides=["diffusion.lambda_min=40"])
+
+
+def test_a_packaged_diffusion_model_fills_missing_values_and_keeps_the_rest():
+    from cloudburst import tracking
+    from cloudburst.data.transforms import Scale
+
+    model, cfg = small_model("sqrt")
+    stats = {"units": "mm/h", "max": 40.0}
+    packaged = tracking.PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
+    x = rainy(2, torch.Generator().manual_seed(4))[:, 0].numpy() * 40.0
+    assert np.array_equal(packaged.reconstruct(x), x)  # nothing missing: nothing to do
+    holed = x.copy()
+    holed[:, 2:] = np.nan  # forecast the last two hours
+    out = packaged.reconstruct(holed)
+    assert np.isfinite(out).all() and (out >= 0).all()
+    assert np.array_equal(out[:, :2], x[:, :2])

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from servers import free_port, kill_processes_naming
 
@@ -95,6 +96,42 @@ def test_trains_registers_and_resumes(tmp_path, store):
     steps = [m.step for m in client.get_metric_history(run2, "val_loss")]
     assert steps == [1]
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0]
+
+
+@pytest.mark.integration
+def test_a_diffusion_model_trains_registers_and_samples(tmp_path, store):
+    result = train(
+        tmp_path,
+        store,
+        "model=diffusion",
+        "diffusion.widths=[8, 16]",
+        "diffusion.embedding=16",
+        "diffusion.steps=8",
+        "train.epochs=1",
+        "run.name=diffusion",
+        "run.registered_model=cloudburst-diffusion-test",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model: models:/cloudburst-diffusion-test/1" in result.stdout
+    run_id = result.stdout.split("run: ")[1].split()[0]
+    from mlflow.tracking import MlflowClient
+
+    from cloudburst import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    logged = client.get_run(run_id).data.metrics
+    # the v-loss and the learnt transformation's log-Jacobian, no VAE-only scores
+    assert {"train_diffusion", "train_log_jacobian", "val_diffusion"} <= set(logged)
+    assert not any(k.startswith("val_qmse") for k in logged)
+    assert {"eval_q0.99_input", "eval_q0.99_sample"} <= set(logged)
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"figures/transformation.png", "figures/samples.png"} <= figures
+    tags = client.get_model_version("cloudburst-diffusion-test", "1").tags
+    assert tags["transform"] == "learnt"
+    packaged = tracking.load_model("models:/cloudburst-diffusion-test@candidate", tracking_uri=uri)
+    samples = packaged.sample(2, seed=0)
+    assert samples.shape == (2, 4, 8, 8) and np.isfinite(samples).all() and (samples >= 0).all()
 
 
 @pytest.mark.parametrize(

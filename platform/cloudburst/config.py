@@ -188,6 +188,7 @@ class DiffusionConfig(Strict):
     masking: tuple[float, float] = (-0.99975, 1.0)
     steps: int = Field(100, ge=1, description="sampler steps")
     sampler: Literal["ancestral", "ddim"] = "ancestral"
+    guidance: float = Field(1.0e6, ge=0, description="reconstruction-guidance weight w_r")
 
     @model_validator(mode="after")
     def _ordered(self) -> DiffusionConfig:

@@ -371,7 +371,9 @@ class PrecipitationModel:
         """The deterministic reconstruction of physical windows (n, time, y, x), physical.
 
         NaN (missing values) are filled with 0 in physical units before the transformation,
-        as the training loader does; the reconstruction fills them in. A single window
+        as the training loader does; the reconstruction fills them in. A model that only
+        generates (diffusion) instead fills the NaN by sampling conditioned on the rest
+        (reconstruction guidance with the config's ``guidance``). A single window
         (time, y, x) gives a single window back.
         """
         arr = np.asarray(x, dtype=np.float32)
@@ -387,10 +389,25 @@ class PrecipitationModel:
         model_space = np.asarray(self.transform.forward(filled), dtype=np.float32)
         model_space = np.nan_to_num(model_space, nan=0.0)
         tensor = torch.from_numpy(np.ascontiguousarray(model_space))[:, None].to(self.device)
-        with torch.no_grad():
-            y = self.model.reconstruct(tensor)
-        out = self._to_physical(y)
+        if hasattr(self.model, "reconstruct"):
+            with torch.no_grad():
+                out = self._to_physical(self.model.reconstruct(tensor))
+        else:
+            out = self._complete(arr, tensor)
         return out[0] if single else out
+
+    def _complete(self, arr: np.ndarray, known: torch.Tensor, seed: int = 0) -> np.ndarray:
+        """A generative-only model fills the NaN of ``arr`` by conditional sampling
+        (reconstruction guidance); the known values come back as they were."""
+        valid = np.isfinite(arr)
+        if valid.all():
+            return arr.copy()
+        mask = torch.from_numpy(valid)[:, None].to(self.device)
+        guidance = float(self.config.get("guidance", 0.0))
+        generator = torch.Generator().manual_seed(int(seed))
+        y = self.model.sample(len(arr), generator=generator, condition=(known, mask, guidance))
+        out = self._to_physical(y)
+        return np.where(valid, arr, out).astype(np.float32)
 
     def _to_physical(self, y: torch.Tensor) -> np.ndarray:
         arr = y.detach().float().cpu().numpy()[:, 0]

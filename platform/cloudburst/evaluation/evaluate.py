@@ -400,7 +400,9 @@ def _thresholds(stats: Any, levels: tuple[float, ...]) -> dict[str, float]:
     return out
 
 
-def _generation_metrics(entry: Entry, obs: FieldSummary, q99: float) -> None:
+def _generation_metrics(
+    entry: Entry, obs: FieldSummary, q99: float, low_threshold: float = 1.0
+) -> None:
     s = entry.summary
     assert s is not None
     mean_obs, mean_gen = obs.cell_mean(), s.cell_mean()
@@ -421,6 +423,23 @@ def _generation_metrics(entry: Entry, obs: FieldSummary, q99: float) -> None:
     entry.curves["bias_map"] = bias
     k, p = s.spatial.compute()
     f, pt = s.temporal.compute()
+    # spectra against the observed: mean |log10 ratio| over frequencies (0: identical)
+    for name, mine, theirs in (
+        ("psd_spatial_log_error", p, obs.spatial.compute()[1]),
+        ("psd_temporal_log_error", pt, obs.temporal.compute()[1]),
+    ):
+        ok = (mine > 0) & (theirs > 0)
+        if ok.any():
+            entry.metrics[name] = float(np.mean(np.abs(np.log10(mine[ok] / theirs[ok]))))
+    # the low end, where sampling noise shows: share of pixels in (0, low_threshold]
+    edges = s.edges
+    low = edges[1:] <= low_threshold
+    low[0] = False  # the first bin [0, 0.01) holds the dry pixels
+    for prefix, hist in (("", s.hist.counts), ("observed_", obs.hist.counts)):
+        total = hist.sum()
+        entry.metrics[f"{prefix}low_end_fraction"] = (
+            float(hist[low].sum() / total) if total else 0.0
+        )
     entry.curves["psd_spatial"] = {"wavenumber": k, "power": p}
     entry.curves["psd_temporal"] = {"frequency": f, "power": pt}
     entry.curves["histogram"] = {"edges": s.edges, "counts": s.hist.counts}
@@ -535,7 +554,12 @@ def _generate_and_summarise(
         summary.update(packaged._to_physical(y))
         done += n
     entry.summary = summary
-    _generation_metrics(entry, obs_summary, thresholds.get("q0.99", obs.stats.quantile(0.99)))
+    _generation_metrics(
+        entry,
+        obs_summary,
+        thresholds.get("q0.99", obs.stats.quantile(0.99)),
+        request.low_threshold,
+    )
     progress(f"{entry.label}: {request.samples} windows generated and summarised")
 
 
@@ -634,7 +658,12 @@ def _evaluate_store(
     for chunk in member_chunks(url, options):
         summary.update(chunk["precip"], chunk["weight"])
     entry.summary = summary
-    _generation_metrics(entry, obs_summary, thresholds.get("q0.99", obs.stats.quantile(0.99)))
+    _generation_metrics(
+        entry,
+        obs_summary,
+        thresholds.get("q0.99", obs.stats.quantile(0.99)),
+        request.low_threshold,
+    )
 
     # an extreme scenario's members are verified against observed windows of the same kind
     observed = obs.x

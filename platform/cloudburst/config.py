@@ -310,6 +310,9 @@ class TrainConfig(Strict):
 
     epochs: int = Field(100, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_val_batches: int | None = Field(
+        None, ge=1, description="validation batches per epoch (None: the whole split)"
+    )
     lr: float | None = Field(None, gt=0, description="None: 5e-5 for quantized losses, else 1e-5")
     betas: tuple[float, float] = (0.9, 0.999)
     patience: int = Field(10, ge=1, description="early stopping on validation loss")

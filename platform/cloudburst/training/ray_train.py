@@ -9,6 +9,7 @@ latest one, and ``FailureConfig`` restarts a failed worker group from it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -108,7 +109,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 mean.update(metrics, int(metrics.pop("batch_size")))
             val = evaluate(
                 core,
-                make_loader(val_ds, cfg.data.loader.batch_size),
+                itertools.islice(
+                    make_loader(val_ds, cfg.data.loader.batch_size), cfg.train.max_val_batches
+                ),
                 device=device,
                 mixed_precision=mixed,
             )

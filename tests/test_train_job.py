@@ -108,6 +108,7 @@ def test_a_diffusion_model_trains_registers_and_samples(tmp_path, store):
         "diffusion.embedding=16",
         "diffusion.steps=8",
         "train.epochs=1",
+        "train.max_val_batches=2",
         "run.name=diffusion",
         "run.registered_model=cloudburst-diffusion-test",
     )

@@ -348,3 +348,71 @@ def test_a_packaged_diffusion_model_fills_missing_values_and_keeps_the_rest():
     out = packaged.reconstruct(holed)
     assert np.isfinite(out).all() and (out >= 0).all()
     assert np.array_equal(out[:, :2], x[:, :2])
+
+
+# ------------------------------------------------------------ conditional generation helpers
+
+
+def test_masks_for_forecasting_and_interpolation():
+    from cloudburst.models.extension import forecast_mask, interpolation_mask
+
+    f = forecast_mask((1, 1, 6, 2, 2), 2)
+    assert f[0, 0, :, 0, 0].tolist() == [True, True, False, False, False, False]
+    i = interpolation_mask((1, 1, 6, 2, 2), 2)
+    assert i[0, 0, :, 0, 0].tolist() == [True, False, True, False, True, False]
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        forecast_mask((1, 1, 6, 2, 2), 6)
+    with pytest.raises(ValueError, match="every must be >= 2"):
+        interpolation_mask((1, 1, 6, 2, 2), 1)
+
+
+def test_extension_reaches_any_length_without_jumps_at_the_seams():
+    from cloudburst.models.extension import extend
+
+    shape = (6, 1, 4, 4, 4)
+
+    def drawer(guidance_scale: float):
+        gen = torch.Generator().manual_seed(11)
+
+        def draw(n, condition):
+            if condition is None:
+                return sample(oracle_constant_window(), shape, S, 40, generator=gen)
+            known, mask, _ = condition
+            return sample(
+                oracle_constant_window(),
+                shape,
+                S,
+                40,
+                known=known,
+                mask=mask,
+                guidance=guidance_scale,
+                generator=gen,
+            )
+
+        return draw
+
+    def seam_jump(draw) -> float:
+        out = extend(draw, 6, (4, 4, 4), 11, overlap=2, guidance=3.0)
+        assert out.shape == (6, 1, 11, 4, 4)
+        steps = (out[:, :, 1:] - out[:, :, :-1]).abs().mean(dim=(0, 1, 3, 4))
+        return float(steps[[3, 5, 7, 9]].max())  # frame k -> k + 1 where new frames start
+
+    conditioned = drawer(3.0)
+    independent = drawer(0.0)
+    # the data never change from hour to hour: conditioned seams do not either, while
+    # windows drawn without their condition jump by the spread of the data
+    assert seam_jump(conditioned) < 0.01
+    assert seam_jump(lambda n, c: independent(n, None)) > 0.1
+
+
+def test_a_diffusion_model_extends_its_windows():
+    from cloudburst.models.extension import extend
+
+    model, _ = small_model("learnt")
+    g = torch.Generator().manual_seed(0)
+    draw = lambda n, c: model.sample(n, g, condition=c)  # noqa: E731
+    out = extend(draw, 2, WINDOW, 9, overlap=1, guidance=1.0)
+    assert out.shape == (2, 1, 9, 8, 8)
+    assert torch.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
+    with pytest.raises(ValueError, match="overlap"):
+        extend(draw, 2, WINDOW, 9, overlap=4)

@@ -416,3 +416,32 @@ def test_a_diffusion_model_extends_its_windows():
     assert torch.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
     with pytest.raises(ValueError, match="overlap"):
         extend(draw, 2, WINDOW, 9, overlap=4)
+
+
+# ------------------------------------------------------------------- ensembles of a diffusion model
+
+
+def test_a_diffusion_ensemble_is_written_and_any_member_regenerates_alone(tmp_path):
+    import xarray as xr
+
+    from cloudburst import tracking
+    from cloudburst.data.transforms import Scale
+    from cloudburst.ensembles.generate import EnsembleError, ResolvedModel, generate, regenerate
+    from cloudburst.ensembles.request import EnsembleRequest
+
+    model, cfg = small_model("learnt")
+    stats = {"units": "mm/h", "max": 40.0, "quantiles": {"0.99": 10.0}}
+    packaged = tracking.PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
+    resolved = ResolvedModel(packaged, "models:/d/1", "models:/d/1", None)
+    ask = {"model": "models:/d/1", "members": 10, "seed": 5, "output": str(tmp_path / "e.zarr")}
+    request = EnsembleRequest.model_validate({**ask, "batch_size": 4, "chunk_members": 4})
+    result = generate(request, model=resolved)
+    assert result.members == 10 and result.chunks_written == 3
+    ds = xr.open_zarr(tmp_path / "e.zarr", consolidated=False)
+    values = ds.precip.values
+    assert values.shape == (10, *WINDOW) and np.isfinite(values).all() and (values >= 0).all()
+    x, w = regenerate(request, [7], model=resolved)
+    assert x[0].tobytes() == values[7].tobytes() and w[0] == 1.0
+    extreme = EnsembleRequest.model_validate({**ask, "scenario": {"kind": "extreme"}})
+    with pytest.raises(EnsembleError, match="diffusion model"):
+        generate(extreme, model=resolved)

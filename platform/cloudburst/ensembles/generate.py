@@ -165,6 +165,17 @@ class Generator:
         packaged = model.packaged
         net = packaged.model
         self.latent = int(packaged.config.get("latent", 0)) if packaged.config else 0
+        self.diffusion = packaged.name == "diffusion"
+        if self.diffusion:
+            if request.scenario.kind != "unconditional":
+                raise EnsembleError(
+                    f"{model.uri} is a diffusion model: its ensembles are unconditional "
+                    "(with an optional threshold); the extreme scenario steers a latent model"
+                )
+            self.direction = None
+            self.proposal = None  # type: ignore[assignment]
+            self.threshold = self._threshold()
+            return
         if not (self.latent and hasattr(net, "decode")):
             raise EnsembleError(
                 f"{model.uri} is a {packaged.name!r} model without a latent decoder; "
@@ -219,8 +230,27 @@ class Generator:
 
     def draws(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(windows, weights) of draws ``indices``."""
+        if self.diffusion:
+            return self.sample_diffusion(indices), np.ones(len(indices), dtype=np.float64)
         z, w = self.proposal.draw(self.request.seed, indices)
         return self.decode(z), w
+
+    @torch.no_grad()
+    def sample_diffusion(self, indices: np.ndarray) -> np.ndarray:
+        """Physical windows of draws ``indices`` from a diffusion model: draw k's noise
+        streams are seeded from (seed, k) alone and batches are padded to exactly
+        batch_size rows (padding rows have streams of their own), as for latent models."""
+        packaged = self.model.packaged
+        bs, seed = self.request.batch_size, self.request.seed
+        out = []
+        for a in range(0, len(indices), bs):
+            rows = [int(k) for k in indices[a : a + bs]]
+            seeds = [int(_rng(seed, k).integers(2**62)) for k in rows]
+            seeds += [int(_rng(seed, 2**62 + j).integers(2**62)) for j in range(bs - len(rows))]
+            gens = [torch.Generator().manual_seed(v) for v in seeds]
+            u = packaged.model.sample(bs, generators=gens)
+            out.append(packaged._to_physical(u)[: len(rows)])
+        return np.concatenate(out) if out else np.zeros((0, *packaged.window), np.float32)
 
     def chunk(self, layout: Layout, chunk: int, start: int) -> tuple[Any, ...]:
         """Members of ``chunk``: (precip, weight, candidate, record) from draw ``start`` on."""

@@ -16,7 +16,7 @@ of alphas and sigmas lose their precision.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -141,6 +141,7 @@ def sample(
     mask: Tensor | None = None,
     guidance: float = 0.0,
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     clip: float | None = 1.0,
 ) -> Tensor:
@@ -150,6 +151,8 @@ def sample(
     guidance of weight ``guidance``: the known part of z_t is replaced by alpha_t known +
     sigma_t eps before each network call, and the denoised estimate is corrected by
     -(w_r alpha_t / 2) d/dz ||mask (known - x^(z))||^2. The result keeps the known values.
+    ``generators`` (one per row) draw each row's noise from its own stream, so a row's result
+    does not depend on the others (ensemble members regenerated alone give the same values).
     ``clip`` bounds the denoised estimate to [-clip, clip] (data live in [-1, 1]). The
     useful range of ``guidance`` depends on how strongly the network's x^ couples pixels:
     the correction is a gradient step, and too large a weight overshoots (then clipped).
@@ -159,7 +162,16 @@ def sample(
     if (known is None) != (mask is None):
         raise ValueError("give known values and their mask together")
     guided = known is not None and guidance > 0
-    z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    if generators is not None and len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for {shape[0]} rows")
+
+    def noise() -> Tensor:
+        if generators is None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]
+        return torch.stack(rows).to(device)
+
+    z = noise()
     if known is not None:
         known = known.to(device=device, dtype=z.dtype)
         mask = mask.to(device=device, dtype=torch.bool)  # type: ignore[union-attr]
@@ -170,9 +182,7 @@ def sample(
         lam = schedule.log_snr(torch.tensor(t)).to(z.dtype)
         lam = lam.expand(shape[0]).to(device)
         if known is not None:
-            forward = alpha.to(z.dtype) * known + sigma.to(z.dtype) * torch.randn(
-                shape, generator=generator, dtype=z.dtype
-            ).to(device)
+            forward = alpha.to(z.dtype) * known + sigma.to(z.dtype) * noise()
             z = torch.where(mask, forward, z)  # type: ignore[arg-type]
         if guided:
             with torch.enable_grad():
@@ -190,8 +200,7 @@ def sample(
             if sampler == "ddim":
                 z = ddim_step(z, x_hat, t, s, schedule)
             elif s > 0:
-                noise = torch.randn(shape, generator=generator, dtype=z.dtype).to(device)
-                z = ancestral_step(z, x_hat, t, s, schedule, noise)
+                z = ancestral_step(z, x_hat, t, s, schedule, noise())
             else:
                 z = x_hat  # the last step: the denoised estimate
     if sampler == "ddim":
@@ -281,9 +290,11 @@ class DiffusionModel(torch.nn.Module):
         *,
         steps: int | None = None,
         sampler: str | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """``n`` windows (n, 1, time, y, x) in [0, 1]; ``condition`` is ``(known, mask,
-        guidance)`` with ``known`` in [0, 1] (see :func:`sample`)."""
+        guidance)`` with ``known`` in [0, 1]; ``generators``: one noise stream per window
+        (see :func:`sample`)."""
         device = next(self.parameters()).device
         shape = (int(n), 1, *self.window)
         known = mask = None
@@ -304,6 +315,7 @@ class DiffusionModel(torch.nn.Module):
             mask=mask,
             guidance=float(guidance),
             generator=generator,
+            generators=generators,
             device=device,
         )
         self.train(was)

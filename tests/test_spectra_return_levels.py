@@ -70,3 +70,19 @@ def test_pot_return_levels_recover_a_known_tail():
     assert (out.lower <= true).all() and (true <= out.upper).all()
     with pytest.raises(ValueError, match="lower the threshold"):
         return_levels.pot_return_levels(values, threshold=1e3, years=years)
+
+
+def test_spectra_leave_out_cells_and_snapshots_with_no_value():
+    rng = np.random.default_rng(0)
+    field = rng.random((3, 8, 16, 16))
+    holed = field.copy()
+    holed[:, :, :, :2] = np.nan  # two columns outside the radar at every step
+    f, p = spectra.temporal_psd(holed, axis=1)
+    _, p_inner = spectra.temporal_psd(field[:, :, :, 2:], axis=1)
+    assert np.isfinite(p).all() and np.allclose(p, p_inner)
+    blank = field.copy()
+    blank[0, 0] = np.nan  # one snapshot entirely missing
+    k, q = spectra.radial_psd(blank)
+    assert np.isfinite(q).all()
+    with pytest.raises(ValueError, match="entirely NaN"):
+        spectra.temporal_psd(np.full((4, 3), np.nan))

@@ -15,13 +15,16 @@ def radial_psd(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(wavenumbers 1..K, mean power) of 2-D snapshots ``(..., y, x)``, averaged over snapshots.
 
     Wavenumber bins are integer radii |k| (cycles per domain) up to min(ny, nx) // 2; NaN pixels
-    are set to the snapshot's mean first.
+    are set to the snapshot's mean first; entirely NaN snapshots are left out.
     """
     arr = np.asarray(field, dtype=np.float64)
     if arr.ndim < 2:
         raise ValueError(f"need (..., y, x) snapshots, got shape {arr.shape}")
     ny, nx = arr.shape[-2:]
     snaps = arr.reshape(-1, ny, nx)
+    snaps = snaps[~np.isnan(snaps).all(axis=(1, 2))]  # a snapshot with no value says nothing
+    if len(snaps) == 0:
+        raise ValueError("every snapshot is entirely NaN")
     means = np.nanmean(snaps, axis=(1, 2), keepdims=True)
     snaps = np.where(np.isnan(snaps), means, snaps) - means
     power = np.abs(np.fft.fft2(snaps)) ** 2 / (ny * nx) ** 2
@@ -38,12 +41,16 @@ def radial_psd(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def temporal_psd(series: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(frequencies in cycles per step, mean power) of series along ``axis``, averaged over
-    every other axis (cells, members); mean removed per series, NaN set to the series mean."""
+    every other axis (cells, members); mean removed per series, NaN set to the series mean,
+    series with no value at all left out."""
     arr = np.moveaxis(np.asarray(series, dtype=np.float64), axis, -1)
     n = arr.shape[-1]
     if n < 2:
         raise ValueError("a temporal spectrum needs at least 2 steps")
     flat = arr.reshape(-1, n)
+    flat = flat[~np.isnan(flat).all(axis=1)]  # cells outside the data (radar edges)
+    if len(flat) == 0:
+        raise ValueError("every series is entirely NaN")
     means = np.nanmean(flat, axis=1, keepdims=True)
     flat = np.where(np.isnan(flat), means, flat) - means
     power = np.abs(np.fft.rfft(flat, axis=1)) ** 2 / n**2

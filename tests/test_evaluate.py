@@ -71,7 +71,8 @@ def registered(store, tmp_path_factory, mlflow_module_state):
     try:
         tracking.setup(uri, experiment="eval-test")
         version, model_uri = tracking.log_and_register(trained(store), name="tiny-eval")
-        run_id = MlflowClient(uri).get_model_version("tiny-eval", str(version)).run_id
+        client = MlflowClient(uri, registry_uri=uri)
+        run_id = client.get_model_version("tiny-eval", str(version)).run_id
         yield uri, "models:/tiny-eval@candidate", run_id
     finally:
         server.__exit__(None, None, None)

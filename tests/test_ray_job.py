@@ -66,7 +66,7 @@ def test_two_workers_through_ray_job_submit(tmp_path):
     assert "model: models:/submitted-vae/1" in out
     run_id = out.split("run: ")[1].split()[0]
 
-    client = MlflowClient(tracking_uri=tracking)
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
     run = client.get_run(run_id)
     # two workers really ran (not just asked for), each with its half of the windows
     assert run.data.params["world_size"] == "2"

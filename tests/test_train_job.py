@@ -120,7 +120,7 @@ def test_a_diffusion_model_trains_registers_and_samples(tmp_path, store):
     from cloudburst import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     logged = client.get_run(run_id).data.metrics
     # the v-loss and the learnt transformation's log-Jacobian, no VAE-only scores
     assert {"train_diffusion", "train_log_jacobian", "val_diffusion"} <= set(logged)

@@ -34,3 +34,9 @@ def load_job_config(cls: type, argv: list[str] | None, description: str) -> obje
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def validation_lines(exc: object, flag_prefix: str = "") -> str:
+    """One indented line per pydantic validation error: ``  [prefix]field.path: message``."""
+    errors = exc.errors()  # type: ignore[attr-defined]
+    return "\n".join(f"  {flag_prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)

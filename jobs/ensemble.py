@@ -19,7 +19,7 @@ import sys
 import yaml
 from pydantic import ValidationError
 
-import _common  # noqa: F401 - puts the package on sys.path when run from a checkout
+import _common  # also puts the package on sys.path when run from a checkout
 from cloudburst import storage, tracking
 from cloudburst.ensembles.generate import EnsembleError, generate
 from cloudburst.ensembles.request import EnsembleRequest
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = EnsembleRequest.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        print("ensemble: error: bad request\n" + "\n".join(lines), file=sys.stderr)
+        print("ensemble: error: bad request\n" + _common.validation_lines(exc), file=sys.stderr)
         return 2
     uri = tracking.tracking_uri(tracking_uri)
     try:

@@ -18,7 +18,7 @@ import sys
 
 from pydantic import ValidationError
 
-import _common  # noqa: F401 - puts the package on sys.path when run from a checkout
+import _common  # also puts the package on sys.path when run from a checkout
 from cloudburst import storage, tracking
 from cloudburst.ensembles.store import EnsembleStoreError
 from cloudburst.evaluation.evaluate import EvaluationError, EvaluationRequest, evaluate
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = EvaluationRequest.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"  --{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        print("evaluate: error: bad arguments\n" + "\n".join(lines), file=sys.stderr)
+        print(
+            "evaluate: error: bad arguments\n" + _common.validation_lines(exc, "--"),
+            file=sys.stderr,
+        )
         return 2
     try:
         uri = tracking.setup(args.tracking_uri, request.experiment)

@@ -131,6 +131,24 @@ def _die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
+def _spawn(
+    cmd: list[str], log: Path, env: dict[str, str], cwd: str | Path | None = None
+) -> subprocess.Popen:
+    """``cmd`` in its own process group (killed as a whole), output to ``log``, dying with
+    this process."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -182,16 +200,7 @@ def _running(
         chosen = port or free_port()
         with tempfile.TemporaryDirectory(prefix="cloudburst-server-") as tmp:
             log = Path(tmp) / "server.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    make_cmd(chosen),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env={**os.environ, **TEST_ENV},
-                    start_new_session=True,  # own process group: killed as a whole
-                    preexec_fn=_die_with_parent,
-                )
+            proc = _spawn(make_cmd(chosen), log, {**os.environ, **TEST_ENV})
             try:
                 _wait_ready(proc, f"http://127.0.0.1:{chosen}{ready_path}", log, what)
             except ServerError:
@@ -364,16 +373,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         *(f"--{name}={port}" for name, port in ports.items()),
     ]  # fmt: skip
     log = Path(temp_dir) / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    proc = _spawn(cmd, log, env)
     try:
         address = f"http://127.0.0.1:{ports['dashboard-port']}"
         deadline = time.monotonic() + RAY_READY_TIMEOUT_S
@@ -417,17 +417,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=folder,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    proc = _spawn(cmd, log, env, cwd=folder)
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, f"{uri}/health", log, "mlflow server")

@@ -744,28 +744,18 @@ def _figures(
     made["bias_maps"] = figures.bias_maps(
         {e.label: e.curves["bias_map"] for e in entries}, f"mean-normalised bias on {data}"
     )
-    k, p = obs_summary.spatial.compute()
-    made["psd_spatial"] = figures.spectra(
-        {"observed": (k, p)}
-        | {
-            e.label: (e.curves["psd_spatial"]["wavenumber"], e.curves["psd_spatial"]["power"])
-            for e in entries
-        },
-        "wavenumber (cycles per window side)",
-        f"radially averaged spatial PSD: {names} on {data}",
-        ylabel=f"power (({units})²)",
-    )
-    f, pt = obs_summary.temporal.compute()
-    made["psd_temporal"] = figures.spectra(
-        {"observed": (f, pt)}
-        | {
-            e.label: (e.curves["psd_temporal"]["frequency"], e.curves["psd_temporal"]["power"])
-            for e in entries
-        },
-        "frequency (cycles per time step)",
-        f"temporal PSD of cell series: {names} on {data}",
-        ylabel=f"power (({units})²)",
-    )
+    for name, axis, accumulator, xlabel, what in (
+        ("psd_spatial", "wavenumber", obs_summary.spatial, "wavenumber (cycles per window side)",
+         "radially averaged spatial PSD"),
+        ("psd_temporal", "frequency", obs_summary.temporal, "frequency (cycles per time step)",
+         "temporal PSD of cell series"),
+    ):  # fmt: skip
+        curves = {"observed": accumulator.compute()} | {
+            e.label: (e.curves[name][axis], e.curves[name]["power"]) for e in entries
+        }
+        made[name] = figures.spectra(
+            curves, xlabel, f"{what}: {names} on {data}", ylabel=f"power (({units})²)"
+        )
     # the extremes check: QQ of the top-N windows by total
     top_obs = obs.x[_top_windows(obs.x, request.top_n, obs_summary.extreme)]
     tl = figures.qq_levels(int(np.isfinite(top_obs).sum()))

@@ -209,6 +209,18 @@ def qq_quantiles(reference: Any, other: Any) -> tuple[np.ndarray, np.ndarray, np
     return levels, np.quantile(ref, levels), np.quantile(oth, levels)
 
 
+def _diagonal(ax: Any, values: np.ndarray, log: bool) -> None:
+    """Log-log or linear axes (linear ones from 0) and the y = x line over ``values``' span."""
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        lo = min(lo, 0.0)
+    hi = hi if hi > lo else lo + 1.0
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+
+
 def qq_plot(reference: Any, other: Any, units: str, label: str = "reconstruction") -> Any:
     """Quantiles of ``other`` (model values) against those of ``reference`` (the inputs).
 
@@ -223,17 +235,7 @@ def qq_plot(reference: Any, other: Any, units: str, label: str = "reconstruction
     log = positive.sum() >= 2 and qr[positive].max() / qr[positive].min() >= 100.0
     xs, ys = (qr[positive], qo[positive]) if log else (qr, qo)
     ax.plot(xs, ys, "o-", ms=3, lw=1, label=label)
-    if xs.size:
-        lo, hi = float(min(xs.min(), ys.min())), float(max(xs.max(), ys.max()))
-    else:
-        lo, hi = 0.0, 1.0
-    if log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        lo = min(lo, 0.0)
-    hi = hi if hi > lo else lo + 1.0
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    _diagonal(ax, np.concatenate([xs, ys]), log)
     unit = f" ({units})" if units else ""
     ax.set_xlabel(f"input quantiles{unit}")
     ax.set_ylabel(f"{label} quantiles{unit}")
@@ -424,15 +426,7 @@ def qq_compare(
             keep &= (qr > 0) & (qo > 0)
         ax.plot(qr[keep], qo[keep], "o-", ms=3, lw=1, label=name)
         shown += [qr[keep], qo[keep]]
-    values = np.concatenate(shown)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        lo = min(lo, 0.0)
-    hi = hi if hi > lo else lo + 1.0
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+    _diagonal(ax, np.concatenate(shown), log)
     ax.set_xlabel(f"{reference_label} quantiles{_units(units)}")
     ax.set_ylabel(f"model quantiles{_units(units)}")
     ax.grid(True, which="both", alpha=0.3)

@@ -4,7 +4,15 @@
         --seed 1 --output outputs/ensembles/demo.zarr
     python jobs/ensemble.py --model models:/NAME@champion --members 100000 --seed 7 \\
         --output s3://bucket/ens.zarr --scenario extreme --threshold-quantile 0.99
+    python jobs/ensemble.py --model models:/cloudburst-diffusion-radolan@candidate \
+        --members 64 --output outputs/ensembles/forecast.zarr --scenario forecast \
+        --condition-data outputs/radolan/precip.zarr --condition-time 2022-10-18T06:50 \
+        --condition-y 80 --condition-x 80 --context 4
     ray job submit --working-dir . -- python jobs/ensemble.py --request request.yaml
+
+Scenarios: unconditional and extreme (latent models, i.e. the VAE); unconditional,
+interpolation, forecast and extension (diffusion models; the last three conditioned on a
+window of an ingested store, extension to ``--length`` steps).
 
 Re-running the same request finishes an interrupted one (only missing chunks are written);
 a complete one is left as it is. Ends with the line ``ensemble: URL``.
@@ -33,10 +41,23 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
     p.add_argument("--members", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="Zarr store URL")
-    p.add_argument("--scenario", choices=["unconditional", "extreme"])
+    p.add_argument(
+        "--scenario",
+        choices=["unconditional", "extreme", "interpolation", "forecast", "extension"],
+    )
     p.add_argument("--proposal", choices=["shift", "tail"])
     p.add_argument("--threshold", type=float, help="keep members with a pixel >= this")
     p.add_argument("--threshold-quantile", type=float, help="... >= this training quantile")
+    p.add_argument("--condition-data", help="ingested store holding the observed window")
+    p.add_argument("--condition-time", help="ISO time of the observed window's first step")
+    p.add_argument("--condition-y", type=int, help="first grid row of the observed window")
+    p.add_argument("--condition-x", type=int, help="first grid column of the observed window")
+    p.add_argument("--context", type=int, help="known leading steps (forecast, extension)")
+    p.add_argument("--every", type=int, help="interpolation: every n-th step known")
+    p.add_argument("--length", type=int, help="extension: time steps of each member")
+    p.add_argument("--guidance", type=float, help="reconstruction guidance weight w_r")
+    p.add_argument("--steps", type=int, help="diffusion sampler steps")
+    p.add_argument("--sampler", choices=["ancestral", "ddim"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--chunk-members", type=int)
     p.add_argument("--endpoint-url", help="object-store endpoint (S3/GCS emulators, MinIO)")
@@ -46,7 +67,16 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
     if args.request:
         with open(args.request) as f:
             tree = yaml.safe_load(f) or {}
-    for key in ("model", "members", "seed", "output", "batch_size", "chunk_members"):
+    for key in (
+        "model",
+        "members",
+        "seed",
+        "output",
+        "batch_size",
+        "chunk_members",
+        "steps",
+        "sampler",
+    ):
         if getattr(args, key) is not None:
             tree[key] = getattr(args, key)
     scenario = tree.setdefault("scenario", {})
@@ -55,9 +85,17 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
         ("proposal", "proposal"),
         ("threshold", "threshold"),
         ("threshold_quantile", "threshold_quantile"),
+        ("context", "context"),
+        ("every", "every"),
+        ("length", "length"),
+        ("guidance", "guidance"),
     ):
         if getattr(args, flag) is not None:
             scenario[key] = getattr(args, flag)
+    for part in ("data", "time", "y", "x"):
+        value = getattr(args, f"condition_{part}")
+        if value is not None:
+            scenario.setdefault("condition", {})[part] = value
     if args.endpoint_url:
         tree.setdefault("storage", {})["endpoint_url"] = args.endpoint_url
     return tree, args.tracking_uri

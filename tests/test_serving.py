@@ -42,6 +42,22 @@ def tiny_model():
     return tracking.PrecipitationModel(net, "vae", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats)
 
 
+def tiny_diffusion():
+    import torch
+
+    from cloudburst.config import DiffusionConfig
+    from cloudburst.data.transforms import Scale
+    from cloudburst.models import registry
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(widths=(4, 8), embedding=8, steps=4, transform="sqrt")
+    net = registry.build("diffusion", cfg, (4, 8, 8))
+    stats = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 20.0}}
+    return tracking.PrecipitationModel(
+        net, "diffusion", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats
+    )
+
+
 class Endpoint:
     def __init__(self, url: str, root: Path, tracking_uri: str) -> None:
         self.url = url
@@ -89,6 +105,17 @@ def endpoint(tmp_path_factory, s3_server, gcs_server):
     tracking.log_and_register(
         tiny_model(), name="serve-vae", tags={"dataset": "synthetic"}, tracking_uri=tracking_uri
     )
+    tracking.log_and_register(
+        tiny_diffusion(),
+        name="serve-diffusion",
+        tags={"dataset": "synthetic"},
+        tracking_uri=tracking_uri,
+    )
+    from cloudburst.data.synthetic import SyntheticConfig, write_synthetic
+
+    write_synthetic(
+        SyntheticConfig(nt=20, ny=12, nx=12), str(root / "data" / "obs.zarr"), progress=False
+    )
     env = {**servers.TEST_ENV, **servers.RAY_ENV, "MLFLOW_DISABLE_TELEMETRY": "true"}
     os.environ.update(servers.RAY_ENV)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
@@ -100,6 +127,7 @@ def endpoint(tmp_path_factory, s3_server, gcs_server):
         "tracking_uri": tracking_uri,
         "state_url": str(root / "state"),
         "allowed_prefixes": [str(root / "out"), "s3://ensembles/", "gs://ensembles/"],
+        "data_prefixes": [str(root / "data")],
         "api_key": KEY,
         "max_members": 5000,
         "max_queue": 6,
@@ -232,6 +260,57 @@ def test_twenty_concurrent_requests_complete_or_get_429(endpoint):
             assert endpoint.wait(accepted["id"])["status"] == "done"
         else:
             assert "retry" in accepted["error"]
+
+
+def forecast(endpoint, **scenario) -> dict:
+    condition = {"data": str(endpoint.root / "data" / "obs.zarr"), "time": "2001-01-03", "y": 2}
+    kind = {"kind": "forecast", "context": 2, "condition": condition, **scenario}
+    return body(
+        str(endpoint.root / "out" / "forecast.zarr"),
+        model="models:/serve-diffusion@candidate",
+        members=6,
+        batch_size=4,
+        chunk_members=4,
+        scenario=kind,
+    )
+
+
+def test_a_forecast_over_http_keeps_the_observed_frames(endpoint):
+    status, accepted = endpoint.call("POST", "/v1/ensembles", forecast(endpoint))
+    assert status == 202, accepted
+    done = endpoint.wait(accepted["id"])
+    assert done["status"] == "done", done
+    ens = xr.open_zarr(accepted["output"], consolidated=False)
+    obs = xr.open_zarr(endpoint.root / "data" / "obs.zarr", consolidated=False).precip
+    observed = obs.isel(time=slice(2, 6), y=slice(2, 10), x=slice(0, 8)).values
+    assert ens.precip.shape == (6, 4, 8, 8)
+    assert (ens.precip.values[:, :2] == observed[None, :2]).all()
+    assert str(ens.time.values[0]).startswith("2001-01-03")
+    assert ens.attrs["condition_time"] == "2001-01-03" and ens.attrs["context_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "words"),
+    [
+        ({"time": "1999-01-01"}, 400, "no time step at 1999-01-01"),
+        ({"y": 10}, 400, "runs past"),
+        ({"data": "/etc/obs.zarr"}, 403, "readable data prefixes"),
+        ({"kind": "extreme"}, 422, "scenario.condition applies to"),
+    ],
+)
+def test_bad_conditions_get_4xx(endpoint, change, code, words):
+    request = forecast(endpoint)
+    scenario = request["scenario"]
+    for key, value in change.items():
+        (scenario["condition"] if key in ("time", "y", "data") else scenario)[key] = value
+    status, answer = endpoint.call("POST", "/v1/ensembles", request)
+    assert status == code, answer
+    assert words in answer["error"]
+    wrong_kind = body(
+        str(endpoint.root / "out" / "bad.zarr"), scenario={**forecast(endpoint)["scenario"]}
+    )
+    status, answer = endpoint.call("POST", "/v1/ensembles", wrong_kind)
+    assert status == 400 and "needs a diffusion model" in answer["error"], answer
 
 
 @pytest.mark.parametrize(

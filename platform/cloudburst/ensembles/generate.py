@@ -23,6 +23,14 @@ import torch
 from scipy import stats as sps
 
 from cloudburst import storage, tracking
+from cloudburst.ensembles.condition import (
+    ConditionError,
+    ObservedWindow,
+    context_frames,
+    known_steps,
+    output_frames,
+    read_condition,
+)
 from cloudburst.ensembles.request import EnsembleRequest, Scenario
 from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
 
@@ -41,6 +49,14 @@ class ResolvedModel:
 
 def pin(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
     """(``models:/NAME/VERSION``, run id) that ``uri`` points at now; nothing is loaded."""
+    version_uri, run_id, _ = pin_version(uri, tracking_uri)
+    return version_uri, run_id
+
+
+def pin_version(
+    uri: str, tracking_uri: str | None = None
+) -> tuple[str, str | None, dict[str, str]]:
+    """:func:`pin`, with the version's tags (model kind, window, units...)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -67,7 +83,7 @@ def pin(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
             f"model {uri} not found in the registry: {exc.message}. `cloudburst models list` "
             "shows the registered models, versions and aliases"
         ) from None
-    return f"models:/{mv.name}/{mv.version}", mv.run_id
+    return f"models:/{mv.name}/{mv.version}", mv.run_id, dict(mv.tags or {})
 
 
 def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
@@ -102,6 +118,49 @@ def decoder_direction(model: Any, latent: int, draws: int = 64) -> np.ndarray:
     if not math.isfinite(norm) or norm == 0.0:
         raise EnsembleError("the decoder's maxima do not vary with z; give scenario.direction")
     return grad / norm
+
+
+def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
+    """Refuse a scenario or setting the model kind (``diffusion``, ``vae``...) cannot serve."""
+    s = request.scenario
+    if kind == "diffusion":
+        if s.kind == "extreme":
+            raise EnsembleError(
+                f"{uri} is a diffusion model: its scenarios are unconditional, interpolation, "
+                "forecast and extension (each with an optional threshold); the extreme "
+                "scenario steers a latent model"
+            )
+        return
+    if s.conditional:
+        raise EnsembleError(
+            f"{uri} is a {kind!r} model; {s.kind} needs a diffusion model "
+            "(conditioning on observed frames is done by its sampler)"
+        )
+    if request.steps is not None or request.sampler is not None:
+        raise EnsembleError(
+            f"steps and sampler apply to diffusion models; {uri} is a {kind!r} model "
+            "(remove them from the request)"
+        )
+
+
+def check_request(request: EnsembleRequest, tags: dict[str, str], uri: str) -> None:
+    """What can be checked before the model is loaded, from its version's tags (model kind,
+    window, units): the scenario against the model, and a condition's store and window."""
+    kind = tags.get("model")
+    if not kind:
+        return
+    check_kind(request, kind, uri)
+    s = request.scenario
+    try:
+        window = tuple(int(n) for n in tags.get("window", "").split("x"))
+    except ValueError:
+        return
+    if s.conditional and len(window) == 3:
+        options = storage.options_from(s.condition.data, request.storage) if s.condition else None
+        try:
+            read_condition(s, window, tags.get("units", ""), options)  # type: ignore[arg-type]
+        except ConditionError as exc:
+            raise EnsembleError(str(exc)) from None
 
 
 class LatentProposal:
@@ -164,16 +223,16 @@ class Generator:
         self.model = model
         packaged = model.packaged
         net = packaged.model
+        s = request.scenario
         self.latent = int(packaged.config.get("latent", 0)) if packaged.config else 0
         self.diffusion = packaged.name == "diffusion"
+        self.window: tuple[int, int, int] = tuple(packaged.window)  # type: ignore[assignment]
+        self.observed: ObservedWindow | None = None
+        self.direction: np.ndarray | None = None
+        self.proposal: LatentProposal | None = None
+        check_kind(request, packaged.name, model.uri)
         if self.diffusion:
-            if request.scenario.kind != "unconditional":
-                raise EnsembleError(
-                    f"{model.uri} is a diffusion model: its ensembles are unconditional "
-                    "(with an optional threshold); the extreme scenario steers a latent model"
-                )
-            self.direction = None
-            self.proposal = None  # type: ignore[assignment]
+            self._bind_condition(request, packaged)
             self.threshold = self._threshold()
             return
         if not (self.latent and hasattr(net, "decode")):
@@ -181,7 +240,6 @@ class Generator:
                 f"{model.uri} is a {packaged.name!r} model without a latent decoder; "
                 "the unconditional and extreme scenarios need a latent model (a VAE)"
             )
-        s = request.scenario
         direction = None
         if s.kind == "extreme" and s.proposal == "shift":
             if s.direction is not None:
@@ -197,6 +255,34 @@ class Generator:
         self.direction = direction
         self.proposal = LatentProposal(s, self.latent, direction)
         self.threshold = self._threshold()
+
+    def _bind_condition(self, request: EnsembleRequest, packaged: Any) -> None:
+        """Read and check the observed frames; fix the output window and the known mask."""
+        s = request.scenario
+        frames = packaged.window[0]
+        try:
+            known_steps(s, frames)  # checks every / context against the window
+            self.observed = read_condition(
+                s,
+                packaged.window,
+                packaged.units,
+                storage.options_from(s.condition.data, request.storage) if s.condition else None,
+            )
+        except ConditionError as exc:
+            raise EnsembleError(str(exc)) from None
+        self.window = (output_frames(s, frames), *packaged.window[1:])
+        self.guidance = (
+            float(s.guidance)
+            if s.guidance is not None
+            else float(packaged.config.get("guidance", 0.0))
+        )
+        if self.observed is not None:
+            obs = self.observed
+            physical = np.nan_to_num(obs.values, nan=0.0)
+            unit = np.asarray(packaged.transform.forward(physical), dtype=np.float32)
+            device = packaged.device
+            self._known = torch.from_numpy(np.nan_to_num(unit, nan=0.0))[None, None].to(device)
+            self._mask = torch.from_numpy(obs.mask)[None, None].to(device)
 
     def _threshold(self) -> float | None:
         s = self.request.scenario
@@ -239,7 +325,8 @@ class Generator:
     def sample_diffusion(self, indices: np.ndarray) -> np.ndarray:
         """Physical windows of draws ``indices`` from a diffusion model: draw k's noise
         streams are seeded from (seed, k) alone and batches are padded to exactly
-        batch_size rows (padding rows have streams of their own), as for latent models."""
+        batch_size rows (padding rows have streams of their own), as for latent models.
+        Conditional scenarios keep the observed values where they are known."""
         packaged = self.model.packaged
         bs, seed = self.request.batch_size, self.request.seed
         out = []
@@ -248,9 +335,58 @@ class Generator:
             seeds = [int(_rng(seed, k).integers(2**62)) for k in rows]
             seeds += [int(_rng(seed, 2**62 + j).integers(2**62)) for j in range(bs - len(rows))]
             gens = [torch.Generator().manual_seed(v) for v in seeds]
-            u = packaged.model.sample(bs, generators=gens)
+            u = self._sample_batch(bs, gens)
             out.append(packaged._to_physical(u)[: len(rows)])
-        return np.concatenate(out) if out else np.zeros((0, *packaged.window), np.float32)
+        if not out:
+            return np.zeros((0, *self.window), np.float32)
+        x = np.concatenate(out)
+        if self.observed is not None:
+            obs = self.observed
+            frames = obs.values.shape[0]
+            if self.request.scenario.kind == "extension":
+                keep = np.zeros_like(obs.mask)
+                keep[: context_frames(self.request.scenario, frames)] = obs.mask[
+                    : context_frames(self.request.scenario, frames)
+                ]
+            else:
+                keep = obs.mask
+            head = x[:, :frames]
+            x[:, :frames] = np.where(keep, obs.values, head)
+        return x
+
+    def _sample_batch(self, bs: int, gens: list[torch.Generator]) -> torch.Tensor:
+        """(bs, 1, time, y, x) in the model's [0, 1] input space for the scenario."""
+        from cloudburst.models.extension import extend
+
+        net = self.model.packaged.model
+        s = self.request.scenario
+
+        def draw(n: int, condition: Any) -> torch.Tensor:
+            return net.sample(
+                n,
+                condition=condition,
+                generators=gens,
+                steps=self.request.steps,
+                sampler=self.request.sampler,
+            )
+
+        condition = None
+        if self.observed is not None:
+            shape = (bs, 1, *self._known.shape[2:])
+            condition = (self._known.expand(shape), self._mask.expand(shape), self.guidance)
+        if s.kind != "extension":
+            return draw(bs, condition)
+        frames = self.model.packaged.window[0]
+        first = draw(bs, condition)
+        return extend(
+            draw,
+            bs,
+            tuple(self.model.packaged.window),
+            self.window[0],
+            overlap=context_frames(s, frames),
+            guidance=self.guidance,
+            start=first,
+        )
 
     def chunk(self, layout: Layout, chunk: int, start: int) -> tuple[Any, ...]:
         """Members of ``chunk``: (precip, weight, candidate, record) from draw ``start`` on."""
@@ -288,6 +424,8 @@ class Generator:
 
 def _chunk_weight_sum(gen: Generator, start: int, end: int) -> float:
     """Sum of weights of every draw in [start, end) (accepted or not)."""
+    if gen.proposal is None:  # plain Monte Carlo: every weight is 1
+        return float(end - start)
     total = 0.0
     for a in range(start, end, 4096):
         b = min(end, a + 4096)
@@ -320,7 +458,47 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
     for key in ("time_step_hours",):
         if key in stats:
             out[key] = stats[key]
+    s = request.scenario
+    if gen.diffusion:
+        out["steps"] = int(request.steps or model.packaged.config.get("steps", 0))
+        out["sampler"] = str(request.sampler or model.packaged.config.get("sampler", ""))
+    if s.conditional:
+        frames = model.packaged.window[0]
+        out["guidance"] = gen.guidance
+        if s.kind == "interpolation":
+            out["known_steps"] = [int(i) for i in np.flatnonzero(known_steps(s, frames))]
+        else:
+            out["context_steps"] = context_frames(s, frames)
+    if gen.observed is not None:
+        c = s.condition
+        assert c is not None
+        out.update(
+            {
+                "condition_data": c.data,
+                "condition_time": c.time,
+                "condition_y": c.y,
+                "condition_x": c.x,
+                "condition_store_fingerprint": gen.observed.store_fingerprint,
+                "time_step_hours": gen.observed.step_hours,
+            }
+        )
     return out
+
+
+def coordinates(observed: ObservedWindow | None) -> dict[str, tuple[np.ndarray, dict]] | None:
+    """Real times and grid coordinates for a conditioned ensemble (None: window indices)."""
+    if observed is None:
+        return None
+    origin = str(np.datetime_as_string(observed.times[0], unit="s"))
+    hours = (observed.times - observed.times[0]) / np.timedelta64(1, "h")
+    return {
+        "time": (
+            np.asarray(hours, dtype=np.float64),
+            {"standard_name": "time", "units": f"hours since {origin}", "calendar": "standard"},
+        ),
+        "y": (np.asarray(observed.y), observed.y_attrs),
+        "x": (np.asarray(observed.x), observed.x_attrs),
+    }
 
 
 def generate(
@@ -342,7 +520,9 @@ def generate(
     model = model or resolve(_pinned(request, options) or request.model, tracking_uri)
     gen = Generator(request, model)
     identity = {**request.identity(), "model_version_uri": model.version_uri}
-    layout = layout_of(request, model.packaged.window)
+    if gen.observed is not None:
+        identity["condition_store_fingerprint"] = gen.observed.store_fingerprint
+    layout = layout_of(request, gen.window)
     store = EnsembleStore.open(
         request.output,
         options,
@@ -350,6 +530,7 @@ def generate(
         identity=identity,
         attrs=provenance(request, model, gen),
         units=model.packaged.units,
+        coords=coordinates(gen.observed),
     )
     if marker is not None and marker.get("fingerprint") == store.group.attrs.get(
         "cloudburst_fingerprint"

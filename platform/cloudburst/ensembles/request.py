@@ -15,6 +15,21 @@ from cloudburst.config import StorageConfig
 MAX_MEMBERS = 10_000_000
 
 
+class Condition(BaseModel):
+    """A window of an ingested store (``cloudburst ingest`` output) that a conditional
+    scenario keeps as known: its first time step and its top-left grid cell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(min_length=1, description="ingested Zarr store URL: path, s3://, gs://")
+    time: str = Field(min_length=1, description="ISO time of the window's first step")
+    y: int = Field(0, ge=0, description="first grid row of the window")
+    x: int = Field(0, ge=0, description="first grid column of the window")
+
+
+CONDITIONAL_KINDS = ("interpolation", "forecast", "extension")
+
+
 class Scenario(BaseModel):
     """How members are drawn.
 
@@ -30,13 +45,27 @@ class Scenario(BaseModel):
       rain comes with large codes whatever their direction; elsewhere the rare events it
       misses are carried by the few defensive draws and its variance is high.
 
+    Diffusion models, conditioned on observed frames (``condition``, a window of an ingested
+    store) by reconstruction guidance of weight ``guidance`` (default: the model's; 0 is
+    imputation):
+
+    - ``interpolation``: every ``every``-th step of the window known, the others generated;
+    - ``forecast``: the first ``context`` steps known (default half the window);
+    - ``extension``: members of ``length`` steps, each new window conditioned on the last
+      ``context`` steps so far; the first window starts from the condition's first
+      ``context`` steps, or is an unconditional draw when no condition is given.
+
+    Known values come back in the members exactly as observed.
+
     ``threshold`` (physical units) or ``threshold_quantile`` (of the training data) keeps only
     members whose window has a pixel at or above it (rejection; acceptance rate recorded).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["unconditional", "extreme"] = "unconditional"
+    kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = (
+        "unconditional"
+    )
     proposal: Literal["shift", "tail"] = "shift"
     tail_quantile: float = Field(0.99, gt=0.0, lt=1.0)
     shift: float = Field(3.0, gt=0.0, le=20.0)
@@ -45,12 +74,40 @@ class Scenario(BaseModel):
     threshold: float | None = Field(None, ge=0.0)
     threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
     max_candidates_per_member: int = Field(10_000, ge=1)
+    condition: Condition | None = None
+    context: int | None = Field(None, ge=1)
+    every: int = Field(2, ge=2)
+    length: int | None = Field(None, ge=1, le=100_000)
+    guidance: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> Scenario:
+    def _consistent(self) -> Scenario:
         if self.threshold is not None and self.threshold_quantile is not None:
             raise ValueError("give threshold or threshold_quantile, not both")
+        conditional = self.kind in CONDITIONAL_KINDS
+        if self.kind in ("interpolation", "forecast") and self.condition is None:
+            raise ValueError(
+                f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} needs "
+                "scenario.condition: the observed window "
+                "{data: STORE, time: ISO_TIME, y: ROW, x: COLUMN}"
+            )
+        if self.kind == "extension" and self.length is None:
+            raise ValueError("an extension needs scenario.length: the time steps of each member")
+        for name in ("condition", "guidance"):
+            if getattr(self, name) is not None and not conditional:
+                raise ValueError(
+                    f"scenario.{name} applies to interpolation, forecast and extension, "
+                    f"not {self.kind}"
+                )
+        if self.context is not None and self.kind not in ("forecast", "extension"):
+            raise ValueError(f"scenario.context applies to forecast and extension, not {self.kind}")
+        if self.length is not None and self.kind != "extension":
+            raise ValueError(f"scenario.length applies to extension, not {self.kind}")
         return self
+
+    @property
+    def conditional(self) -> bool:
+        return self.kind in CONDITIONAL_KINDS
 
     @property
     def rejects(self) -> bool:
@@ -69,6 +126,12 @@ class EnsembleRequest(BaseModel):
     scenario: Scenario = Field(default_factory=Scenario)
     batch_size: int = Field(64, ge=1, le=4096, description="members decoded per model call")
     chunk_members: int = Field(256, ge=1, le=100_000, description="members per Zarr chunk")
+    steps: int | None = Field(
+        None, ge=1, le=10_000, description="diffusion models: sampler steps (default the model's)"
+    )
+    sampler: Literal["ancestral", "ddim"] | None = Field(
+        None, description="diffusion models: sampler (default the model's)"
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     def identity(self) -> dict[str, object]:

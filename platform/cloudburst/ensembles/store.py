@@ -7,7 +7,9 @@ Layout (xarray opens it with ``xr.open_zarr(url, consolidated=False)``):
 - ``weight`` float64 (member,): importance weight p(z) / q(z) (1 for plain Monte Carlo);
 - ``candidate`` int64 (member,): the draw index whose noise made the member (= member index
   unless a threshold rejects draws);
-- coordinates ``member``, ``time`` (hours since the window's first step), ``y``, ``x``;
+- coordinates ``member``, ``time`` (hours since the window's first step), ``y``, ``x``
+  (window indices); a conditioned ensemble carries its condition's real times (CF ``hours
+  since``) and the source store's y / x instead;
 - group attributes: provenance (model URI and resolved version, run id, the request, the seed
   rule, package version, creation time).
 
@@ -101,6 +103,7 @@ class EnsembleStore:
         identity: dict[str, Any],
         attrs: dict[str, Any],
         units: str,
+        coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
     ) -> EnsembleStore:
         """The store for ``identity``: created if absent, reopened to resume if it holds the
         same ensemble; refused if it holds anything else."""
@@ -108,7 +111,7 @@ class EnsembleStore:
         key = fingerprint(identity)
         found = cls._existing_fingerprint(url, options)
         if found is None:
-            cls._create(url, options, layout, key, identity, attrs, units)
+            cls._create(url, options, layout, key, identity, attrs, units, coords)
         elif found != key:
             raise EnsembleStoreError(
                 f"{url} already holds a different ensemble (fingerprint {found}, this request "
@@ -148,6 +151,7 @@ class EnsembleStore:
         identity: dict[str, Any],
         attrs: dict[str, Any],
         units: str,
+        coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
     ) -> None:
         t, y, x = layout.window
         n, c = layout.members, layout.chunk_members
@@ -164,14 +168,21 @@ class EnsembleStore:
             )
             arr[:] = values
 
+        given = dict(coords or {})
+        defaults = {
+            "time": (
+                np.arange(t, dtype=np.float64) * float(attrs.get("time_step_hours", 1.0)),
+                {"long_name": "time since the window's first step", "units": "hours"},
+            ),
+            "y": (np.arange(y, dtype=np.int64), {"long_name": "grid row of the window"}),
+            "x": (np.arange(x, dtype=np.int64), {"long_name": "grid column of the window"}),
+        }
         coord("member", np.arange(n, dtype=np.int64), {"long_name": "ensemble member"})
-        coord(
-            "time",
-            np.arange(t, dtype=np.float64) * float(attrs.get("time_step_hours", 1.0)),
-            {"long_name": "time since the window's first step", "units": "hours"},
-        )
-        coord("y", np.arange(y, dtype=np.int64), {"long_name": "grid row of the window"})
-        coord("x", np.arange(x, dtype=np.int64), {"long_name": "grid column of the window"})
+        for name, size in (("time", t), ("y", y), ("x", x)):
+            values, extra = given.get(name, defaults[name])
+            if len(values) != size:
+                raise ValueError(f"coordinate {name} has {len(values)} values for {size} steps")
+            coord(name, np.asarray(values), dict(extra))
         group.create_array(
             "precip",
             shape=(n, t, y, x),

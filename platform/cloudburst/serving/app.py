@@ -51,6 +51,10 @@ class ServeSettings(BaseModel):
     tracking_uri: str | None = None
     state_url: str = "outputs/serve/state"
     allowed_prefixes: list[str] = Field(default_factory=lambda: ["outputs/ensembles"])
+    data_prefixes: list[str] = Field(
+        default_factory=lambda: ["outputs"],
+        description="stores that conditional scenarios may read their observed window from",
+    )
     api_key: str | None = Field(None, description="required in X-API-Key when set")
     api_key_env: str = "CLOUDBURST_API_KEY"
     max_members: int = Field(1_000_000, ge=1)
@@ -70,6 +74,11 @@ class ServeSettings(BaseModel):
     def prefixes(self) -> list[str]:
         return [_normal(self.absolute(p)) for p in self.allowed_prefixes]
 
+    def readable(self, url: str) -> bool:
+        """Whether a request may condition on the store ``url``."""
+        target = _normal(self.absolute(url))
+        return any(target.startswith(_normal(self.absolute(p))) for p in self.data_prefixes)
+
     def absolute(self, url: str) -> str:
         """``url`` with a relative local path taken under ``root`` (replicas' working
         directories are not the caller's)."""
@@ -85,6 +94,7 @@ class ServeSettings(BaseModel):
             update={
                 "state_url": out.absolute(self.state_url),
                 "allowed_prefixes": [out.absolute(p) for p in self.allowed_prefixes],
+                "data_prefixes": [out.absolute(p) for p in self.data_prefixes],
                 "tracking_uri": tracking.tracking_uri(self.tracking_uri, root=root),
             }
         )
@@ -278,6 +288,23 @@ class EnsembleAPI:
                 f"output {req.output} is outside the allowed prefixes "
                 f"{', '.join(s.allowed_prefixes)}",
             )
+        condition = req.scenario.condition
+        if condition is not None and not s.readable(condition.data):
+            raise ApiError(
+                403,
+                f"scenario.condition.data {condition.data} is outside the readable data "
+                f"prefixes {', '.join(s.data_prefixes)}",
+            )
+
+    def _absolute(self, req: Any) -> Any:
+        """The request with its local paths (output, condition store) made absolute."""
+        req = req.model_copy(update={"output": self.settings.absolute(req.output)})
+        condition = req.scenario.condition
+        if condition is None:
+            return req
+        condition = condition.model_copy(update={"data": self.settings.absolute(condition.data)})
+        scenario = req.scenario.model_copy(update={"condition": condition})
+        return req.model_copy(update={"scenario": scenario})
 
     def _drive(self, record: dict[str, Any]) -> None:
         job_id = record["id"]
@@ -340,7 +367,7 @@ class EnsembleAPI:
 
     @api.post("/v1/ensembles", status_code=202)
     async def submit(self, request: Request) -> Any:
-        from cloudburst.ensembles.generate import EnsembleError, pin
+        from cloudburst.ensembles.generate import EnsembleError, check_request, pin_version
         from cloudburst.ensembles.request import EnsembleRequest
 
         await self._recover()
@@ -356,14 +383,20 @@ class EnsembleAPI:
                 req = EnsembleRequest.model_validate(body)
             except ValidationError as exc:
                 raise ApiError(422, _validation_message(exc)) from None
-            req = req.model_copy(update={"output": self.settings.absolute(req.output)})
+            req = self._absolute(req)
             self._check_bounds(req)
             if len(self.tasks) >= self.settings.max_queue:
                 raise ApiError(429, f"{len(self.tasks)} jobs in flight; retry later")
             try:
-                version_uri, _ = await asyncio.to_thread(pin, req.model, self.tracking_uri)
+                version_uri, _, tags = await asyncio.to_thread(
+                    pin_version, req.model, self.tracking_uri
+                )
             except EnsembleError as exc:
                 raise ApiError(404, str(exc)) from None
+            try:
+                await asyncio.to_thread(check_request, req, tags, req.model)
+            except EnsembleError as exc:
+                raise ApiError(400, str(exc)) from None
         except ApiError as exc:
             return _error(exc)
         job_id = uuid.uuid4().hex

@@ -1,0 +1,189 @@
+"""Observed frames that conditional ensembles (interpolation, forecast, extension) are tied to.
+
+A scenario's ``condition`` names a window of an ingested store (``cloudburst ingest``): its
+first time step and its top-left grid cell. :func:`read_condition` checks it against the model
+(units, window size, the store's extent) and reads the frames the scenario keeps as known, in
+physical units, with the coordinates the ensemble store then carries (real times and the
+store's y / x), so a conditional ensemble says where and when it is.
+
+The known frames of each kind, for a model window of ``t`` steps:
+
+- ``interpolation``: steps 0, every, 2 every, ... of the window (every other hour by default);
+- ``forecast``: the first ``context`` steps (half the window by default);
+- ``extension``: the first ``context`` steps when a condition is given (the sequence starts
+  from them); each later window is conditioned on the last ``context`` steps generated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloudburst.ensembles.request import Scenario
+
+CONDITIONAL = ("interpolation", "forecast", "extension")
+
+
+class ConditionError(ValueError):
+    """The condition cannot be read or does not fit the model (message says why and what to do)."""
+
+
+@dataclass
+class ObservedWindow:
+    """What a conditional ensemble keeps: ``values`` (frames, y, x) physical, NaN where the
+    store has no value, ``known`` (frames,) which of those frames are given to the sampler,
+    and the coordinates for the output store."""
+
+    values: np.ndarray
+    known: np.ndarray
+    times: np.ndarray  # datetime64[ns] of the output's time steps
+    step_hours: float
+    y: np.ndarray
+    x: np.ndarray
+    y_attrs: dict[str, Any] = field(default_factory=dict)
+    x_attrs: dict[str, Any] = field(default_factory=dict)
+    store_fingerprint: str = ""
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(frames, y, x) True where a value is given: a known frame and a finite value."""
+        return self.known[:, None, None] & np.isfinite(self.values)
+
+
+def context_frames(scenario: Scenario, frames: int) -> int:
+    """Known leading frames of a forecast / conditioning frames of an extension."""
+    k = scenario.context if scenario.context is not None else frames // 2
+    if not 0 < k < frames:
+        raise ConditionError(
+            f"scenario.context must be between 1 and {frames - 1} for this model's "
+            f"{frames}-step windows (got {k})"
+        )
+    return k
+
+
+def output_frames(scenario: Scenario, frames: int) -> int:
+    """Time steps of each member: the model's window, or ``length`` for an extension."""
+    if scenario.kind == "extension":
+        assert scenario.length is not None
+        return int(scenario.length)
+    return frames
+
+
+def known_steps(scenario: Scenario, frames: int) -> np.ndarray:
+    """(frames,) bool: which steps of the first window are given (see the module doc)."""
+    known = np.zeros(frames, dtype=bool)
+    if scenario.kind == "interpolation":
+        if scenario.every >= frames:
+            raise ConditionError(
+                f"scenario.every = {scenario.every} leaves only the first of the model's "
+                f"{frames} steps known; use 2 to {frames - 1}"
+            )
+        known[:: scenario.every] = True
+    elif scenario.kind in ("forecast", "extension"):
+        known[: context_frames(scenario, frames)] = True
+    return known
+
+
+def read_condition(
+    scenario: Scenario,
+    window: tuple[int, int, int],
+    units: str,
+    options: dict[str, Any] | None = None,
+) -> ObservedWindow | None:
+    """The observed frames ``scenario`` is conditioned on, checked against a model of
+    ``window`` (time, y, x) trained in ``units``; None when it has no condition."""
+    if scenario.kind not in CONDITIONAL:
+        return None
+    frames, ny, nx = window
+    known = known_steps(scenario, frames)
+    if scenario.condition is None:
+        return None
+    from cloudburst.data.ingest import PRECIP, StoreError, open_store, read_marker
+    from cloudburst.data.sources import time_step
+
+    c = scenario.condition
+    try:
+        ds, stats = open_store(c.data, options)
+    except (StoreError, OSError) as exc:
+        raise ConditionError(f"scenario.condition.data: {exc}") from None
+    if units and stats.units and stats.units != units:
+        raise ConditionError(
+            f"{c.data} is in {stats.units} but the model was trained in {units}; condition on "
+            "a store ingested like the model's training data"
+        )
+    da = ds[PRECIP]
+    times = ds["time"].values
+    try:
+        start = np.datetime64(c.time, "ns")
+    except ValueError:
+        raise ConditionError(
+            f"scenario.condition.time {c.time!r} is not an ISO time (e.g. 2022-10-18T00:50)"
+        ) from None
+    found = np.flatnonzero(times == start)
+    if not len(found):
+        near = times[np.argsort(np.abs((times - start).astype(np.int64)))[:3]]
+        raise ConditionError(
+            f"{c.data} has no time step at {c.time}; it runs from {_iso(times[0])} to "
+            f"{_iso(times[-1])} (nearest: {', '.join(_iso(t) for t in sorted(near))})"
+        )
+    i = int(found[0])
+    if i + frames > len(times):
+        raise ConditionError(
+            f"the {frames}-step window from {c.time} runs past the end of {c.data} "
+            f"({_iso(times[-1])}); start at {_iso(times[max(0, len(times) - frames)])} or earlier"
+        )
+    dims = [d for d in da.dims if d != "time"]
+    sy, sx = (int(da.sizes[d]) for d in dims)
+    if c.y + ny > sy or c.x + nx > sx:
+        raise ConditionError(
+            f"the {ny} x {nx} window at (y={c.y}, x={c.x}) runs past {c.data}'s {sy} x {sx} grid; "
+            f"y must be <= {sy - ny} and x <= {sx - nx}"
+        )
+    span = times[i : i + frames]
+    gaps = np.unique(np.diff(span)) if frames > 1 else np.array([], dtype="m8[ns]")
+    if len(gaps) > 1:
+        raise ConditionError(
+            f"{c.data} has irregular time steps between {_iso(span[0])} and {_iso(span[-1])}; "
+            "choose a window without gaps"
+        )
+    step = time_step(times)
+    step_hours = float(step / np.timedelta64(1, "h")) if step is not None else 1.0
+    values = np.asarray(
+        da.isel(
+            {
+                "time": slice(i, i + frames),
+                dims[0]: slice(c.y, c.y + ny),
+                dims[1]: slice(c.x, c.x + nx),
+            }
+        ).values,
+        dtype=np.float32,
+    )
+    if not np.isfinite(values[known]).any():
+        raise ConditionError(
+            f"the known frames of the window at {c.time}, (y={c.y}, x={c.x}) of {c.data} have no "
+            "value (outside the radar's range?); choose another window"
+        )
+    out_frames = output_frames(scenario, frames)
+    out_times = start + np.arange(out_frames) * (span[1] - span[0] if frames > 1 else step)
+    marker = read_marker(c.data, options) or {}
+    return ObservedWindow(
+        values=values,
+        known=known,
+        times=np.asarray(out_times, dtype="datetime64[ns]"),
+        step_hours=step_hours,
+        y=np.asarray(ds[dims[0]].values[c.y : c.y + ny]),
+        x=np.asarray(ds[dims[1]].values[c.x : c.x + nx]),
+        y_attrs=_plain(ds[dims[0]].attrs),
+        x_attrs=_plain(ds[dims[1]].attrs),
+        store_fingerprint=str(marker.get("fingerprint", "")),
+    )
+
+
+def _iso(t: np.datetime64) -> str:
+    return str(np.datetime_as_string(t, unit="m"))
+
+
+def _plain(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in attrs.items() if isinstance(v, str | int | float)}

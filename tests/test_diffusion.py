@@ -445,3 +445,22 @@ def test_a_diffusion_ensemble_is_written_and_any_member_regenerates_alone(tmp_pa
     extreme = EnsembleRequest.model_validate({**ask, "scenario": {"kind": "extreme"}})
     with pytest.raises(EnsembleError, match="diffusion model"):
         generate(extreme, model=resolved)
+
+
+def test_the_loss_under_mixed_precision_keeps_the_transformation_in_full_precision():
+    """bf16 autocast (as on a GPU; here on the CPU) runs the U-Net in bf16 but the learnt
+    transformation and its log-Jacobian in fp32: the change-of-variables term is unchanged."""
+    model, _ = small_model("learnt")
+    u = rainy(2, torch.Generator().manual_seed(0))
+    full = model.transform.penalty(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.transform.penalty(u)
+        y = model.to_model_space(u)
+        loss, metrics = model.loss({"x": u})
+    assert mixed.dtype == torch.float32 and y.dtype == torch.float32
+    assert float(mixed.detach()) == float(full.detach())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.transform.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert metrics["log_jacobian"] == pytest.approx(-float(full.detach()), rel=1e-6)

@@ -23,6 +23,10 @@ from torch.nn.functional import softplus
 __all__ = ["MonotoneTransform"]
 
 
+def _full(u: Tensor) -> Tensor:
+    return u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
+
+
 class MonotoneTransform(nn.Module):
     """h: [0, 1] -> [-1, 1], strictly increasing, learnt; see the module docstring."""
 
@@ -38,10 +42,14 @@ class MonotoneTransform(nn.Module):
         self.bias = nn.ParameterList([nn.Parameter(torch.zeros(o)) for o in sizes[1:]])
 
     def _g(self, u: Tensor) -> Tensor:
-        h = u.reshape(-1, 1)
-        for w, b in zip(self.raw, self.bias, strict=True):
-            h = torch.tanh(h @ softplus(w).to(u.dtype).T + b.to(u.dtype))
-        return h.reshape(u.shape) + self.c * u
+        # full precision under mixed-precision autocast: h' and its log are the loss's
+        # change-of-variables term, and bf16 would round them to 2-3 digits
+        with torch.autocast(u.device.type, enabled=False):
+            u = _full(u)
+            h = u.reshape(-1, 1)
+            for w, b in zip(self.raw, self.bias, strict=True):
+                h = torch.tanh(h @ softplus(w).to(u.dtype).T + b.to(u.dtype))
+            return h.reshape(u.shape) + self.c * u
 
     def _ends(self, like: Tensor) -> tuple[Tensor, Tensor]:
         ends = self._g(torch.tensor([0.0, 1.0], dtype=like.dtype, device=like.device))
@@ -54,8 +62,8 @@ class MonotoneTransform(nn.Module):
 
     def log_derivative(self, u: Tensor) -> Tensor:
         """log h'(u), elementwise, differentiable in the parameters."""
-        with torch.enable_grad():
-            uu = u.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), torch.autocast(u.device.type, enabled=False):
+            uu = _full(u).detach().clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(self._g(uu).sum(), uu, create_graph=True)
         g0, g1 = self._ends(u)
         return torch.log(grad) + torch.log(2.0 / (g1 - g0))

@@ -236,3 +236,52 @@ def test_the_job_takes_the_conditional_scenarios_as_flags(store):
     assert (s.kind, s.length, s.context, s.guidance) == ("extension", 20, 2, 5.0)
     assert s.condition.data == store and s.condition.y == 1 and s.condition.x == 0
     assert (request.steps, request.sampler) == (10, "ddim")
+
+
+def crps_direct(members: np.ndarray, y: np.ndarray) -> float:
+    """E|X - y| - E|X - X'| / 2 over equally weighted members, averaged over pixels."""
+    skill = np.abs(members - y[None]).mean(axis=0)
+    spread = np.abs(members[:, None] - members[None, :]).mean(axis=(0, 1))
+    return float((skill - 0.5 * spread).mean())
+
+
+def test_a_forecast_store_is_verified_against_the_steps_it_withheld(
+    store, observed, model, tmp_path
+):
+    from cloudburst.evaluation.evaluate import EvaluationRequest, evaluate
+
+    url = str(tmp_path / "f.zarr")
+    generate(ask(store, url, kind="forecast", context=2), model=model)
+    out = tmp_path / "eval"
+    result = evaluate(
+        EvaluationRequest(
+            ensembles=[url], data=store, split="train@none", out=str(out), log_to_mlflow=False
+        )
+    )
+    (entry,) = result.report["models"]
+    assert entry["kind"] == "conditional ensemble" and entry["known_steps"] == [0, 1]
+    members = xr.open_zarr(url, consolidated=False).precip.values
+    by_step = entry["curves"]["cond_by_step"]
+    assert by_step["hours"] == [48.0, 72.0]  # daily steps 2 and 3
+    for k, t in enumerate((2, 3)):
+        assert by_step["crps"][k] == pytest.approx(crps_direct(members[:, t], observed[t]), 1e-6)
+        # persistence: the last known (observed) frame, step 1
+        mae = float(np.abs(observed[1] - observed[t]).mean())
+        assert by_step["baseline_mae"][k] == pytest.approx(mae, rel=1e-6)
+    m = entry["metrics"]
+    assert m["cond_crps"] == pytest.approx(np.mean(by_step["crps"]), rel=1e-6)
+    assert m["cond_crps_skill"] == pytest.approx(1 - m["cond_crps"] / m["cond_baseline_mae"])
+    assert sum(entry["curves"]["cond_rank_histogram"]) == pytest.approx(1.0)
+    assert (out / "figures" / "conditional_crps.png").stat().st_size > 10_000
+    assert (out / "figures" / "conditional_rank_histograms.png").exists()
+
+
+def test_an_interpolation_baseline_is_linear_between_known_frames():
+    from cloudburst.evaluation.conditional import baseline
+
+    truth = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    known = np.array([True, False, True, False, False])
+    lin = baseline(truth, known, "interpolation")
+    assert lin[1, 0, 0] == 1.0 and lin[3, 0, 0] == 2.0 and lin[4, 0, 0] == 2.0
+    persistence = baseline(truth, known, "forecast")
+    assert persistence[1, 0, 0] == 0.0 and persistence[4, 0, 0] == 2.0

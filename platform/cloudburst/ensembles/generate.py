@@ -450,6 +450,7 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
         "seed": request.seed,
         "batch_size": request.batch_size,
         "training_units": stats.get("units", ""),
+        "model_window": [int(n) for n in model.packaged.window],
     }
     if gen.threshold is not None:
         out["threshold"] = gen.threshold

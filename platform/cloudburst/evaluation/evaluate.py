@@ -17,7 +17,10 @@ and for every ensemble store (a complete :mod:`cloudburst.ensembles.store`): the
 scores and a climatological verification (each cell's members against every observed window),
 read in tiles of at most ``chunk_mb`` so a 10,000-member store on object storage is never
 loaded whole. Importance weights are honoured; the members of an extreme-scenario store are
-verified against the observed windows that meet the same threshold.
+verified against the observed windows that meet the same threshold. A conditional store
+(interpolation, forecast, extension) is verified instead against the frames its condition
+withheld, beside a persistence or linear-interpolation baseline
+(:mod:`cloudburst.evaluation.conditional`).
 
 Writes ``OUT/metrics.json`` (schema :data:`SCHEMA`, see ``docs`` in README) and PNG figures
 under ``OUT/figures``, and logs both to an MLflow run linked to the models' runs.
@@ -48,6 +51,12 @@ from cloudburst.data.windows import build_index, parse_split, split_index
 from cloudburst.ensembles.generate import EnsembleError, pin
 from cloudburst.ensembles.store import _zarr_store, member_chunks, read_marker
 from cloudburst.evaluation import figures
+from cloudburst.evaluation.conditional import (
+    ConditionalError,
+    condition_of,
+    store_attrs,
+    verify_conditional,
+)
 from cloudburst.evaluation.report import qmse_metrics
 from cloudburst.evaluation.return_levels import gev_return_levels
 from cloudburst.evaluation.spectra import SpectrumAccumulator, radial_psd, temporal_psd
@@ -617,6 +626,69 @@ def _store_window(url: str, request: EvaluationRequest) -> tuple[int, int, int]:
     return t, y, x
 
 
+def _is_conditional(url: str, request: EvaluationRequest) -> bool:
+    return condition_of(store_attrs(url, storage.options_from(url, request.storage))) is not None
+
+
+def _model_window(url: str, request: EvaluationRequest) -> tuple[int, int, int]:
+    """The window of the model that made a store (an extension's members are longer)."""
+    attrs = store_attrs(url, storage.options_from(url, request.storage))
+    if "model_window" in attrs:
+        return tuple(int(n) for n in attrs["model_window"])  # type: ignore[return-value]
+    return _store_window(url, request)
+
+
+def _evaluate_conditional(
+    url: str,
+    request: EvaluationRequest,
+    thresholds: dict[str, float],
+    progress: Callable[[str], None],
+) -> Entry:
+    options = storage.options_from(url, request.storage)
+    attrs = store_attrs(url, options)
+    condition = condition_of(attrs) or {}
+    try:
+        source, metrics, curves = verify_conditional(
+            url,
+            options,
+            thresholds,
+            seed=request.seed,
+            condition_options=storage.options_from(condition.get("data", url), request.storage),
+        )
+    except ConditionalError as exc:
+        raise EvaluationError(str(exc)) from None
+    label = f"{attrs.get('scenario', 'conditional')} ensemble"
+    if str(attrs.get("model_version_uri", "")).startswith("models:/"):
+        label = f"{_label(attrs['model_version_uri'])} {label}"
+    entry = Entry(label, "conditional ensemble", source, metrics, curves)
+    progress(
+        f"{label}: {source['members']} members, {source['verified_steps']} generated steps "
+        f"verified against {source.get('verified_against', '')}"
+    )
+    return entry
+
+
+def _conditional_figures(entries: list[Entry], units: str) -> dict[str, Any]:
+    by_step = {e.label: e.curves["cond_by_step"] for e in entries if "cond_by_step" in e.curves}
+    if not by_step:
+        return {}
+    names = ", ".join(by_step)
+    made = {
+        "conditional_crps": figures.conditional_skill(
+            by_step, units, f"CRPS on the withheld steps by hour: {names}"
+        ),
+        "conditional_rank_histograms": figures.rank_histograms(
+            {
+                e.label: e.curves["cond_rank_histogram"]
+                for e in entries
+                if "cond_by_step" in e.curves
+            },
+            f"rank of the withheld observation among the members: {names}",
+        ),
+    }
+    return made
+
+
 def _evaluate_store(
     url: str,
     request: EvaluationRequest,
@@ -849,7 +921,15 @@ def evaluate(
             "evaluate them separately"
         )
     store_windows = {url: _store_window(url, request) for url in request.ensembles}
-    window = windows.pop() if windows else next(iter(store_windows.values()))
+    conditional = [url for url in store_windows if _is_conditional(url, request)]
+    for url in conditional:
+        store_windows.pop(url)
+    if windows:
+        window = windows.pop()
+    elif store_windows:
+        window = next(iter(store_windows.values()))
+    else:
+        window = _model_window(conditional[0], request)
     for url, shape in store_windows.items():
         if shape != window:
             raise EvaluationError(f"{url} holds {shape} windows, the models {window}")
@@ -866,9 +946,12 @@ def evaluate(
     for entry, packaged, _ in loaded:
         _evaluate_model(entry, packaged, obs, obs_summary, thresholds, request, say)
         entries.append(entry)
-    for url in request.ensembles:
+    for url in store_windows:
         entries.append(_evaluate_store(url, request, obs, obs_summary, thresholds, say))
-    for e in entries:
+    climatological = list(entries)
+    for url in conditional:
+        entries.append(_evaluate_conditional(url, request, thresholds, say))
+    for e in climatological:
         assert e.summary is not None
         maxima, _, weights = e.summary.arrays()
         rl = _return_levels(maxima, weights, periods, request, e.source.get("draws"))
@@ -879,7 +962,12 @@ def evaluate(
 
     o_max, _, o_w = obs_summary.arrays()
     observed_levels = _return_levels(o_max, o_w, periods, request)
-    made = _figures(entries, obs, obs_summary, thresholds, observed_levels, request)
+    made = (
+        _figures(climatological, obs, obs_summary, thresholds, observed_levels, request)
+        if climatological
+        else {}
+    )
+    made |= _conditional_figures(entries, obs.units)
     out = Path(request.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     paths = []

@@ -625,3 +625,30 @@ def transformation_curve(values: Any, transformed: Any, units: str, title: str) 
     ax.legend(fontsize=8)
     wrapped_title(fig, title)
     return fig
+
+
+def conditional_skill(curves: Mapping[str, Mapping[str, Any]], units: str, title: str) -> Figure:
+    """CRPS of conditional ensembles by hour, label -> {"hours", "crps", "baseline_mae",
+    "baseline"}: a solid line per ensemble and its baseline's MAE (a deterministic forecast's
+    CRPS) dashed in the same colour."""
+    models = _models(curves, "curves")
+    fig = figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for name, c in models.items():
+        hours = _vector(c["hours"])
+        (line,) = ax.plot(hours, _vector(c["crps"]), marker="o", ms=3, lw=1.4, label=name)
+        ax.plot(
+            hours,
+            _vector(c["baseline_mae"]),
+            ls="--",
+            lw=1.0,
+            color=line.get_color(),
+            label=f"{c.get('baseline', 'baseline')} (MAE)",
+        )
+    ax.set_xlabel("hours since the window's first step")
+    ax.set_ylabel(f"CRPS{_units(units)}")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    wrapped_title(fig, title)
+    return fig

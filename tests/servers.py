@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-READY_TIMEOUT_S = 20.0
+READY_TIMEOUT_S = 60.0  # an MLflow server on a loaded 2-core machine takes 20 s or more
 
 # The environment a test process needs to talk to these servers (see ../shared/STACK.md).
 TEST_ENV = {

@@ -124,6 +124,10 @@ def test_an_extension_reaches_its_length_from_the_observed_start(store, observed
     assert len(ens.time) == 10 and ens.time.values[-1] == np.datetime64("2001-01-12", "ns")
     again, _ = regenerate(request, [4, 0], model=model)
     assert again.tobytes() == x[[4, 0]].tobytes()
+    short = ask(store, str(tmp_path / "s.zarr"), kind="extension", context=2, length=3)
+    generate(short, model=model)
+    x = xr.open_zarr(tmp_path / "s.zarr", consolidated=False).precip.values
+    assert x.shape == (5, 3, 8, 8) and (x[:, :2] == observed[None, :2]).all()
     # without a condition the first window is an unconditional draw, times are step indices
     free = ask(store, str(tmp_path / "free.zarr"), kind="extension", length=7, condition=None)
     generate(free, model=model)

@@ -14,6 +14,7 @@ import xarray as xr
 import yaml
 from samples import DATA as SHARED
 from samples import needs_data
+from servers import ray_head
 
 from cloudburst.config import (
     ConfigError,
@@ -75,8 +76,10 @@ def test_demo_runs_and_prints_the_summary(tmp_path):
         f"ingest.target={target}",
     ]
     # from an empty folder, as on a new machine: the store, Ray checkpoints and the MLflow
-    # store all land under it
-    proc = job("demo.py", *overrides, cwd=tmp_path, timeout=500)
+    # store all land under it; another Ray instance runs on the machine meanwhile (its own
+    # local cluster must not be confused with it)
+    with ray_head(num_cpus=1):
+        proc = job("demo.py", *overrides, cwd=tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "Traceback" not in proc.stderr

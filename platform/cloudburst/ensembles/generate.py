@@ -342,16 +342,8 @@ class Generator:
         x = np.concatenate(out)
         if self.observed is not None:
             obs = self.observed
-            frames = obs.values.shape[0]
-            if self.request.scenario.kind == "extension":
-                keep = np.zeros_like(obs.mask)
-                keep[: context_frames(self.request.scenario, frames)] = obs.mask[
-                    : context_frames(self.request.scenario, frames)
-                ]
-            else:
-                keep = obs.mask
-            head = x[:, :frames]
-            x[:, :frames] = np.where(keep, obs.values, head)
+            n = min(obs.values.shape[0], x.shape[1])  # an extension may be shorter
+            x[:, :n] = np.where(obs.mask[:n], obs.values[:n], x[:, :n])
         return x
 
     def _sample_batch(self, bs: int, gens: list[torch.Generator]) -> torch.Tensor:

@@ -36,6 +36,38 @@ def check(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict[str, int], str]:
     return cfg, sizes, uri
 
 
+def start_local_ray(preferred_port: int = 8265) -> None:
+    """A local Ray cluster with its dashboard on 127.0.0.1 (``preferred_port`` if free).
+
+    Ray Train's placement-group cleaner queries the state API behind the dashboard (without
+    one it warns every second), and finds it through ``RAY_API_SERVER_ADDRESS``, set here
+    while the cluster starts so every worker inherits it (and then taken back here):
+    otherwise, with another Ray instance on the machine, it cannot tell which to ask and
+    fails with a traceback.
+    """
+    import socket
+
+    import ray
+
+    port = preferred_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    key = "RAY_API_SERVER_ADDRESS"
+    before = os.environ.get(key)
+    os.environ[key] = f"http://127.0.0.1:{port}"
+    try:  # the cluster's processes keep it; this process gets its own value back
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
     """Train ``cfg`` (already through :func:`check`) and register the best checkpoint."""
     import mlflow
@@ -46,9 +78,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
         if address:
             ray.init(address=address)
         else:
-            # a local cluster with its dashboard: Ray Train's placement-group cleaner needs
-            # the state API behind it (without, it warns every second), users get the UI
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+            start_local_ray()
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers

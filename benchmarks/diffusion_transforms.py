@@ -21,23 +21,13 @@ training per transformation, a few minutes of sampling.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-for _key, _value in (
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-):
-    os.environ.setdefault(_key, _value)
-
-from cloudburst import tracking  # noqa: E402
-from cloudburst.config import TrainJobConfig, load_config  # noqa: E402
-from cloudburst.evaluation.evaluate import EvaluationRequest, evaluate  # noqa: E402
-from cloudburst.training.job import check, run_training  # noqa: E402
+from _common import ROOT  # before cloudburst: package path, quiet defaults
+from cloudburst import tracking
+from cloudburst.config import TrainJobConfig, load_config
+from cloudburst.evaluation.evaluate import EvaluationRequest, evaluate
+from cloudburst.training.job import check, run_training
 
 ROWS = (
     ("low-end share (0, 1]", "low_end_fraction"),

@@ -32,27 +32,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback helpers of the tests (free ports)
-for _key, _value in (
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-    ("MLFLOW_DISABLE_TELEMETRY", "true"),
-    ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-):
-    os.environ.setdefault(_key, _value)
+import numpy as np
+import torch
+import zarr
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import zarr  # noqa: E402
-
-from cloudburst import tracking  # noqa: E402
-from cloudburst.config import VAEConfig  # noqa: E402
-from cloudburst.data.transforms import Scale  # noqa: E402
-from cloudburst.ensembles.generate import generate, resolve  # noqa: E402
-from cloudburst.ensembles.request import EnsembleRequest  # noqa: E402
-from cloudburst.models import registry  # noqa: E402
+from _common import ROOT  # before cloudburst: package path, quiet defaults
+from cloudburst import tracking
+from cloudburst.config import VAEConfig
+from cloudburst.data.transforms import Scale
+from cloudburst.ensembles.generate import generate, resolve
+from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.models import registry
 
 WINDOW = (8, 12, 12)
 BATCH, CHUNK = 256, 1024

@@ -25,25 +25,20 @@ benchmarks/diffusion_transforms.py``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import numpy as np
+import xarray as xr
 
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from cloudburst import tracking  # noqa: E402
-from cloudburst.data.ingest import PRECIP, open_store  # noqa: E402
-from cloudburst.ensembles.condition import known_steps  # noqa: E402
-from cloudburst.ensembles.generate import generate, resolve  # noqa: E402
-from cloudburst.ensembles.request import EnsembleRequest  # noqa: E402
-from cloudburst.evaluation.conditional import baseline  # noqa: E402
+from _common import ROOT  # before cloudburst: package path, quiet defaults
+from cloudburst import tracking
+from cloudburst.data.ingest import PRECIP, open_store
+from cloudburst.ensembles.condition import known_steps
+from cloudburst.ensembles.generate import generate, resolve
+from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.evaluation.conditional import baseline
 
 
 def wettest_windows(

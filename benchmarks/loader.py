@@ -27,20 +27,16 @@ import tempfile
 import time
 import tracemalloc
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback object-store servers of the tests
-
-from cloudburst.config import SyntheticConfig, WindowConfig  # noqa: E402
-from cloudburst.data.ingest import ingest, open_store  # noqa: E402
-from cloudburst.data.loader import WindowDataset, open_array  # noqa: E402
-from cloudburst.data.synthetic import write_synthetic  # noqa: E402
-from cloudburst.data.windows import build_index  # noqa: E402
+from _common import DATA  # before cloudburst: package path, quiet defaults
+from cloudburst.config import SyntheticConfig, WindowConfig
+from cloudburst.data.ingest import ingest, open_store
+from cloudburst.data.loader import WindowDataset, open_array
+from cloudburst.data.synthetic import write_synthetic
+from cloudburst.data.windows import build_index
 
 MB = 1e6
 warnings.filterwarnings("ignore", message=".*not recognized as a component")  # our marker

@@ -17,26 +17,21 @@ jobs/configs/diffusion-radolan.yaml``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from cloudburst import tracking  # noqa: E402
-from cloudburst.ensembles.generate import pin  # noqa: E402
-from cloudburst.evaluation.evaluate import (  # noqa: E402
+import _common  # noqa: F401 - before cloudburst: package path, quiet defaults
+from cloudburst import tracking
+from cloudburst.ensembles.generate import pin
+from cloudburst.evaluation.evaluate import (
     EvaluationRequest,
     _run_params,
     observed_windows,
 )
-from cloudburst.evaluation.spectra import radial_psd, temporal_psd  # noqa: E402
+from cloudburst.evaluation.spectra import radial_psd, temporal_psd
 
 LEVELS = (0.9, 0.99, 0.999, 0.9999, 0.99999)
 

@@ -39,18 +39,12 @@ import tempfile
 import time
 from typing import Any
 
-for _key, _value in (
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-):
-    os.environ.setdefault(_key, _value)
+import torch
 
-import torch  # noqa: E402
-
-from cloudburst.config import VAEConfig  # noqa: E402
-from cloudburst.models.vae import VAE, parameter_count  # noqa: E402
-from cloudburst.training.loop import LossModule, train_steps  # noqa: E402
+import _common  # noqa: F401 - before cloudburst: package path, quiet defaults
+from cloudburst.config import VAEConfig
+from cloudburst.models.vae import VAE, parameter_count
+from cloudburst.training.loop import LossModule, train_steps
 
 THREADS = 2
 WINDOW = (8, 32, 32)

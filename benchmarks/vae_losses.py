@@ -22,31 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-for _key, _value in (
-    ("RAY_USAGE_STATS_ENABLED", "0"),
-    ("RAY_AUTH_MODE", "disabled"),
-    ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
-):
-    os.environ.setdefault(_key, _value)
+import torch
 
-import torch  # noqa: E402
-
-from cloudburst import tracking  # noqa: E402
-from cloudburst.config import TrainJobConfig, load_config  # noqa: E402
-from cloudburst.data.ingest import StoreStats  # noqa: E402
-from cloudburst.evaluation import figures  # noqa: E402
-from cloudburst.evaluation.report import (  # noqa: E402
+from _common import ROOT  # before cloudburst: package path, quiet defaults
+from cloudburst import tracking
+from cloudburst.config import TrainJobConfig, load_config
+from cloudburst.data.ingest import StoreStats
+from cloudburst.evaluation import figures
+from cloudburst.evaluation.report import (
     Reconstruction,
     evaluation_windows,
     reconstruction_scores,
 )
-from cloudburst.training.job import check, run_training  # noqa: E402
+from cloudburst.training.job import check, run_training
 
 DEFAULT_VARIANTS = ("rec", "rec+wqt", "rec@100")
 

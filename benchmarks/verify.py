@@ -27,15 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
-for _key, _value in (
-    ("MLFLOW_DISABLE_TELEMETRY", "true"),
-    ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-):
-    os.environ.setdefault(_key, _value)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from _common import ROOT  # before cloudburst: package path, quiet defaults
 
 WINDOW = (8, 12, 12)
 FRASER = ROOT / "outputs" / "fraser" / "precip.zarr"

@@ -150,16 +150,7 @@ def read_condition(
         )
     step = time_step(times)
     step_hours = float(step / np.timedelta64(1, "h")) if step is not None else 1.0
-    values = np.asarray(
-        da.isel(
-            {
-                "time": slice(i, i + frames),
-                dims[0]: slice(c.y, c.y + ny),
-                dims[1]: slice(c.x, c.x + nx),
-            }
-        ).values,
-        dtype=np.float32,
-    )
+    values = window_values(da, i, frames, c.y, c.x, (ny, nx))
     if not np.isfinite(values[known]).any():
         raise ConditionError(
             f"the known frames of the window at {c.time}, (y={c.y}, x={c.x}) of {c.data} have no "
@@ -179,6 +170,20 @@ def read_condition(
         x_attrs=_plain(ds[dims[1]].attrs),
         store_fingerprint=str(marker.get("fingerprint", "")),
     )
+
+
+def window_values(
+    da: Any, start: int, frames: int, y: int, x: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """float32 (frames, ny, nx) of the (time, y, x) array ``da`` from step ``start`` and cell
+    (y, x); fewer frames where the array ends."""
+    dims = [d for d in da.dims if d != "time"]
+    region = {
+        "time": slice(start, start + frames),
+        dims[0]: slice(y, y + shape[0]),
+        dims[1]: slice(x, x + shape[1]),
+    }
+    return np.asarray(da.isel(region).values, dtype=np.float32)
 
 
 def _iso(t: np.datetime64) -> str:

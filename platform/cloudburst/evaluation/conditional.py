@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cloudburst.ensembles.condition import window_values
 from cloudburst.ensembles.store import _zarr_store, read_marker
 from cloudburst.evaluation.verify import EnsembleVerifier
 
@@ -80,12 +81,12 @@ def baseline(truth: np.ndarray, known: np.ndarray, kind: str) -> np.ndarray:
 
 def read_truth(
     condition: Mapping[str, Any], steps: int, shape: tuple[int, int], options: dict[str, Any] | None
-) -> tuple[np.ndarray, str]:
+) -> np.ndarray:
     """(steps, y, x) observed values of the condition window, NaN past the store's end."""
     from cloudburst.data.ingest import PRECIP, StoreError, open_store
 
     try:
-        ds, stats = open_store(condition["data"], options)
+        ds, _ = open_store(condition["data"], options)
     except (StoreError, OSError) as exc:
         raise ConditionalError(f"the condition store cannot be read: {exc}") from None
     times = ds["time"].values
@@ -95,23 +96,10 @@ def read_truth(
             f"{condition['data']} has no step at {condition['time']} any more; was it re-ingested?"
         )
     i = int(found[0])
-    da = ds[PRECIP]
-    dims = [d for d in da.dims if d != "time"]
-    y, x = condition["y"], condition["x"]
-    have = min(steps, len(times) - i)
-    values = np.asarray(
-        da.isel(
-            {
-                "time": slice(i, i + have),
-                dims[0]: slice(y, y + shape[0]),
-                dims[1]: slice(x, x + shape[1]),
-            }
-        ).values,
-        dtype=np.float32,
-    )
+    values = window_values(ds[PRECIP], i, steps, condition["y"], condition["x"], shape)
     truth = np.full((steps, *shape), np.nan, dtype=np.float32)
-    truth[:have] = values
-    return truth, stats.units
+    truth[: len(values)] = values
+    return truth
 
 
 def verify_conditional(
@@ -135,7 +123,7 @@ def verify_conditional(
     m, steps, ny, nx = (int(n) for n in precip.shape)
     kind = str(attrs.get("scenario", ""))
     known = known_mask(attrs, steps)
-    truth, _ = read_truth(condition, steps, (ny, nx), condition_options)
+    truth = read_truth(condition, steps, (ny, nx), condition_options)
     base = baseline(truth, known, kind)
     step_hours = float(attrs.get("time_step_hours", 1.0))
     overall = EnsembleVerifier(thresholds, seed=seed)

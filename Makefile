@@ -6,6 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Defaults for the shell commands run from here (ray start, mlflow server, serve run) and
+# the processes they start; the user's values win. The Python side keeps the same table, with
+# why and where each applies, in platform/cloudburst/environment.py (apply_defaults).
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_AUTH_MODE ?= disabled

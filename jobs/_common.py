@@ -1,4 +1,7 @@
-"""Shared argument handling of the jobs (``--config FILE`` plus ``key=value`` overrides)."""
+"""What the jobs share: the package on the path and the environment defaults (both on import,
+before Ray or MLflow load), console logging (:func:`setup_logging`, first thing in a job's
+``main``) and argument handling (``--config FILE`` plus ``key=value`` overrides).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,18 @@ import sys
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.join(_ROOT, "platform") not in sys.path:
     sys.path.insert(0, os.path.join(_ROOT, "platform"))
+
+# only now can the package be imported; it loads nothing but the standard library here
+from cloudburst import environment  # noqa: E402
+
+environment.apply_defaults()  # no usage reporting; what the user exported wins
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """The job's console: ``cloudburst`` log records at INFO (DEBUG with ``verbose``) on
+    stderr, one short line each; other libraries' loggers stay at WARNING. A job's result is
+    printed to stdout, not logged."""
+    environment.setup_logging(verbose)
 
 
 def job_parser(description: str) -> argparse.ArgumentParser:

@@ -102,6 +102,7 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _common.setup_logging()
     tree, tracking_uri = parse(argv)
     try:
         request = EnsembleRequest.model_validate(tree)

@@ -58,6 +58,7 @@ def parse(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _common.setup_logging()
     tree, args = parse(argv)
     try:
         request = EvaluationRequest.model_validate(tree)

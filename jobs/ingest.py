@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from _common import load_job_config
+from _common import load_job_config, setup_logging
 from cloudburst.config import DatasetJobConfig
 from cloudburst.data.prepare import prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
     print(json.dumps(prepare_dataset(cfg), indent=2))
     return 0

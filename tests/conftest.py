@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-# before mlflow is imported (see ../shared/STACK.md)
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from cloudburst import environment
+
+# before Ray and MLflow are imported: no telemetry, a loopback stack (see cloudburst/environment.py)
+environment.apply_defaults(environment.IMPORT, environment.PROGRAM, environment.LOCAL)
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudburst import netcheck
+
 READY_TIMEOUT_S = 60.0  # an MLflow server on a loaded 2-core machine takes 20 s or more
 
 # The environment a test process needs to talk to these servers (see ../shared/STACK.md).
@@ -327,9 +329,7 @@ class RayHead:
 
 
 def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+    return netcheck.tcp_probe("127.0.0.1", port, 0.5) is None
 
 
 def kill_processes_naming(marker: str) -> None:

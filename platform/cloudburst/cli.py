@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from cloudburst import storage
+from cloudburst import environment, storage
 from cloudburst.config import (
     ConfigError,
     IngestConfig,
@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    environment.apply_defaults()  # before a command loads Ray or MLflow; the user's values win
+    environment.setup_logging()  # progress and warnings on stderr; results are printed
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

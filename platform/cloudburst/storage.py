@@ -16,18 +16,18 @@ default credentials, ...).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import uuid
 from typing import Any
-from urllib.parse import urlparse
 
-import fsspec
+from cloudburst import environment, netcheck
 
-# gcsfs probes every bucket for hierarchical namespaces unless told not to; against emulators
-# and with anonymous access that probe hangs about 60 s per bucket call. gcsfs reads this once,
-# at import, so it is set before any gs:// URL is touched; export "true" to opt back in.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# before fsspec can load gcsfs, which reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT once, at import:
+# unless told not to, it probes every bucket for hierarchical namespaces, about 60 s per bucket
+# call against emulators and with anonymous access (export "true" to opt back in)
+environment.apply_defaults(environment.IMPORT)
+
+import fsspec  # noqa: E402
 
 REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
 CONNECT_TIMEOUT_S = 3.0
@@ -132,18 +132,13 @@ def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
         return
     endpoint = endpoint_of(url, options)
     if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        host = parsed.hostname or "localhost"
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-                pass
-        except OSError as exc:
+        failure = netcheck.tcp_probe(*netcheck.endpoint_address(endpoint), CONNECT_TIMEOUT_S)
+        if failure is not None:
             raise StorageError(
-                f"cannot reach the object-store endpoint {endpoint} for {url}: {exc}. "
+                f"cannot reach the object-store endpoint {endpoint} for {url}: {failure}. "
                 "Check that the server is running and that --endpoint-url / "
                 "CLOUDBURST_ENDPOINT_URL points at it."
-            ) from exc
+            )
     fs, path = filesystem(url, options)
     bucket = path.split("/", 1)[0]
     try:
@@ -158,6 +153,18 @@ def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
             f"bucket '{bucket}' of {url} does not exist (or is not visible with these "
             "credentials). Create it first, or fix the URL."
         )
+
+
+def zarr_store(url: str, options: dict[str, Any] | None, read_only: bool = False) -> Any:
+    """The Zarr v3 store object for ``url``: an ``FsspecStore`` on object storage (with
+    ``options``), a ``LocalStore`` for a local path or ``file://`` URL."""
+    import zarr  # not every user of this module needs it loaded
+
+    if is_remote(url):
+        return zarr.storage.FsspecStore.from_url(
+            url, storage_options=dict(options or {}), read_only=read_only
+        )
+    return zarr.storage.LocalStore(local_path(url), read_only=read_only)
 
 
 def exists(url: str, options: dict[str, Any] | None = None) -> bool:

@@ -12,8 +12,6 @@ holding the statistics and a fingerprint of the request is written last:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time as _time
 import warnings
@@ -24,11 +22,11 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from cloudburst import storage
+from cloudburst import markers, storage
 from cloudburst.config import IngestConfig
 from cloudburst.data.sources import PRECIP, SourceError, open_source
 
-MARKER = f"{storage.SIDECAR}/complete.json"
+MARKER = markers.MARKER
 LEGACY_MARKER = ".cloudburst-complete.json"  # where stores before format 1.1 kept it
 FORMAT_VERSION = 1
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.995, 0.999)
@@ -198,18 +196,9 @@ def default_chunks(nt: int, ny: int, nx: int, min_time: int = 1) -> dict[str, in
 # ---------------------------------------------------------------------------- store
 
 
-def _fingerprint(request: dict[str, Any]) -> str:
-    blob = json.dumps(request, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def read_marker(target: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    for name in (MARKER, LEGACY_MARKER):
-        try:
-            return json.loads(storage.read_bytes(storage.join(target, name), options))
-        except FileNotFoundError:
-            continue
-    return None
+    """The completion marker of the store ``target`` (also where older stores kept it)."""
+    return markers.read_marker(target, options, legacy=(LEGACY_MARKER,))
 
 
 def _looks_like_zarr(target: str, options: dict[str, Any] | None) -> bool:
@@ -272,7 +261,7 @@ def ingest(
         "shape": [nt, ny, nx],
         "time": [str(ds.time.values[0]), str(ds.time.values[-1])],
     }
-    fingerprint = _fingerprint(request)
+    fingerprint = markers.fingerprint(request, default=str)
     marker = read_marker(target, target_options)
     if marker is not None and marker.get("fingerprint") == fingerprint:
         return IngestResult(
@@ -295,8 +284,7 @@ def ingest(
                 "Choose another target or remove it."
             )
     if marker is not None:  # a different request: the old store stops being complete first
-        for name in (MARKER, LEGACY_MARKER):
-            storage.remove(storage.join(target, name), target_options, recursive=False)
+        markers.remove_marker(target, target_options, legacy=(LEGACY_MARKER,))
 
     zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
     so = target_options if storage.is_remote(target) else None
@@ -343,9 +331,7 @@ def ingest(
         "stats": stats.to_dict(),
         "written": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
     }
-    storage.write_sidecar(
-        target, "complete.json", json.dumps(record, indent=1).encode(), target_options
-    )
+    markers.write_marker(target, record, target_options)
     return IngestResult(
         target, stats, (nt, ny, nx), layout, skipped=False, seconds=_time.perf_counter() - t0
     )

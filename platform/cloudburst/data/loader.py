@@ -37,10 +37,7 @@ def open_array(store: str, options: dict[str, Any] | None = None) -> Any:
     """The ``precip`` zarr array of a store, opened directly (no xarray, no dask)."""
     import zarr
 
-    if storage.is_remote(store):
-        group = zarr.open_group(store, mode="r", storage_options=options or {})
-    else:
-        group = zarr.open_group(storage.local_path(store), mode="r")
+    group = zarr.open_group(storage.zarr_store(store, options, read_only=True), mode="r")
     return group[PRECIP]
 
 

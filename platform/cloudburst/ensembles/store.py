@@ -21,7 +21,6 @@ subgroup, so readers listing the store see nothing foreign.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterable
@@ -32,8 +31,11 @@ import numpy as np
 import zarr
 
 from cloudburst import __version__, storage
+from cloudburst.markers import MARKER, fingerprint, read_marker, write_marker
 
-MARKER = f"{storage.SIDECAR}/complete.json"
+# kept importable from here, where ensembles.generate and evaluation import it from
+from cloudburst.storage import zarr_store
+
 PROGRESS = f"{storage.SIDECAR}/progress"
 FORMAT = "cloudburst-ensemble/1"
 SEED_RULE = (
@@ -46,10 +48,6 @@ CF_UNITS = {"mm/day": "mm day-1", "mm/h": "mm h-1", "mm/hr": "mm h-1", "mm": "mm
 
 class EnsembleStoreError(RuntimeError):
     """The output cannot take this ensemble (another ensemble, not a store, incomplete...)."""
-
-
-def fingerprint(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -67,21 +65,6 @@ class Layout:
         return a, min(self.members, a + self.chunk_members)
 
 
-def _zarr_store(url: str, options: dict[str, Any] | None, read_only: bool = False) -> Any:
-    if storage.is_remote(url):
-        return zarr.storage.FsspecStore.from_url(
-            url, storage_options=dict(options or {}), read_only=read_only
-        )
-    return zarr.storage.LocalStore(storage.local_path(url), read_only=read_only)
-
-
-def read_marker(url: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(storage.join(url, MARKER), options))
-    except FileNotFoundError:
-        return None
-
-
 class EnsembleStore:
     """Create or reopen the store at ``url`` for one ensemble identity; write chunks into it."""
 
@@ -89,7 +72,7 @@ class EnsembleStore:
         self.url = url
         self.options = dict(options or {})
         self.layout = layout
-        self.group = zarr.open_group(_zarr_store(url, self.options), mode="r+", zarr_format=3)
+        self.group = zarr.open_group(zarr_store(url, self.options), mode="r+", zarr_format=3)
 
     # ------------------------------------------------------------------ opening
 
@@ -133,7 +116,7 @@ class EnsembleStore:
                     "Choose another output URL or remove it."
                 )
             return None
-        attrs = zarr.open_group(_zarr_store(url, options, read_only=True), mode="r").attrs
+        attrs = zarr.open_group(zarr_store(url, options, read_only=True), mode="r").attrs
         key = attrs.get("cloudburst_fingerprint")
         if attrs.get("cloudburst_format") != FORMAT or not key:
             raise EnsembleStoreError(
@@ -155,7 +138,7 @@ class EnsembleStore:
     ) -> None:
         t, y, x = layout.window
         n, c = layout.members, layout.chunk_members
-        group = zarr.open_group(_zarr_store(url, options), mode="w", zarr_format=3)
+        group = zarr.open_group(zarr_store(url, options), mode="w", zarr_format=3)
 
         def coord(name: str, values: np.ndarray, extra: dict[str, Any]) -> None:
             arr = group.create_array(
@@ -281,9 +264,7 @@ class EnsembleStore:
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **summary,
         }
-        storage.write_sidecar(
-            self.url, "complete.json", json.dumps(body, indent=1).encode(), self.options
-        )
+        write_marker(self.url, body, self.options)
         return body
 
 
@@ -297,7 +278,7 @@ def member_chunks(url: str, options: dict[str, Any] | None = None) -> Iterable[d
         raise EnsembleStoreError(
             f"{url} is not a complete ensemble (no {MARKER}); finish or re-run its request"
         )
-    group = zarr.open_group(_zarr_store(url, options, read_only=True), mode="r")
+    group = zarr.open_group(zarr_store(url, options, read_only=True), mode="r")
     precip, weight = group["precip"], group["weight"]
     n, c = precip.shape[0], precip.chunks[0]
     for a in range(0, n, c):

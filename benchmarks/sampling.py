@@ -25,13 +25,10 @@ import torch
 
 import _common  # noqa: F401 - before cloudburst: package path, quiet defaults
 from cloudburst import tracking
-from cloudburst.ensembles.generate import pin
-from cloudburst.evaluation.evaluate import (
-    EvaluationRequest,
-    _run_params,
-    observed_windows,
-)
+from cloudburst.evaluation.evaluate import EvaluationRequest
+from cloudburst.evaluation.observations import observed_windows, run_params
 from cloudburst.evaluation.spectra import radial_psd, temporal_psd
+from cloudburst.models.roles import ConditionalSampler
 
 LEVELS = (0.9, 0.99, 0.999, 0.9999, 0.99999)
 
@@ -65,17 +62,21 @@ def main() -> int:
     args = p.parse_args()
 
     uri = tracking.setup(args.tracking_uri)
-    version, run_id = pin(args.model, uri)
+    version, run_id = tracking.pin(args.model, uri)
     packaged = tracking.load_model(version, tracking_uri=uri, map_location=args.device)
-    if packaged.name != "diffusion":
-        print(f"{version} is a {packaged.name} model; give a diffusion model", file=sys.stderr)
+    if not packaged.plays(ConditionalSampler):
+        print(
+            f"{version} is a {packaged.name} model without an iterative sampler; give a "
+            "diffusion model",
+            file=sys.stderr,
+        )
         return 2
-    params = _run_params(run_id, uri)
+    params = run_params(run_id, uri)
     store = params.get("data.store")
     request = EvaluationRequest(data=store, split="train@none", limit=400, models=[args.model])
     obs = observed_windows(request, packaged.window, params).x
     obs_p, obs_pt = spectra(obs)
-    model = packaged.model.eval()
+    model = packaged.network(ConditionalSampler)
     print(
         f"{version} on {args.device}; {args.samples} samples of {packaged.window} against "
         f"{len(obs)} observed windows of {store}\n"
@@ -91,7 +92,7 @@ def main() -> int:
             n = min(args.batch, args.samples - a)
             g = torch.Generator().manual_seed(1000 + a)
             u = model.sample(n, generator=g, steps=steps, sampler=sampler)
-            out.append(packaged._to_physical(u))
+            out.append(packaged.to_physical(u))
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

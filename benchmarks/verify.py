@@ -80,9 +80,16 @@ def synthetic_store(workdir: Path) -> str:
 
 def child(store: str, data: str, windows: int, chunk_mb: float, split: str) -> None:
     """Verify ``store`` against ``windows`` observed windows; print one JSON line."""
-    from cloudburst.evaluation import evaluate as ev
+    from cloudburst.evaluation.evaluate import EvaluationRequest
+    from cloudburst.evaluation.observations import (
+        FieldSummary,
+        edges,
+        observed_windows,
+        quantile_thresholds,
+    )
+    from cloudburst.evaluation.score_stores import evaluate_store
 
-    request = ev.EvaluationRequest(
+    request = EvaluationRequest(
         ensembles=[store],
         data=data,
         split=split,
@@ -91,13 +98,13 @@ def child(store: str, data: str, windows: int, chunk_mb: float, split: str) -> N
         log_to_mlflow=False,
         out=tempfile.mkdtemp(),
     )
-    obs = ev.observed_windows(request, WINDOW, {})
-    thresholds = ev._thresholds(obs.stats, request.thresholds)
-    summary = ev.FieldSummary(ev._edges(obs.stats, obs.x), WINDOW, request.top_n)
+    obs = observed_windows(request, WINDOW, {})
+    thresholds = quantile_thresholds(obs.stats, request.thresholds)
+    summary = FieldSummary(edges(obs.stats, obs.x), WINDOW, request.top_n)
     summary.update(obs.x)
     before = rss_bytes()
     t0 = time.perf_counter()
-    entry = ev._evaluate_store(store, request, obs, summary, thresholds, lambda _m: None)
+    entry = evaluate_store(store, request, obs, summary, thresholds, lambda _m: None)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     members = entry.source["members"]

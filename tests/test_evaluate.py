@@ -25,6 +25,7 @@ from cloudburst.ensembles.generate import generate
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.evaluation.evaluate import SCHEMA, EvaluationError, EvaluationRequest, evaluate
 from cloudburst.models import registry
+from cloudburst.models.package import PrecipitationModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -39,7 +40,7 @@ def store(tmp_path_factory) -> str:
     return path
 
 
-def trained(store: str, steps: int = 40, seed: int = 0) -> tracking.PrecipitationModel:
+def trained(store: str, steps: int = 40, seed: int = 0) -> PrecipitationModel:
     """A tiny VAE after ``steps`` Adam steps on the store's windows."""
     torch.manual_seed(seed)
     ds, stats = open_store(store)
@@ -56,7 +57,7 @@ def trained(store: str, steps: int = 40, seed: int = 0) -> tracking.Precipitatio
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return tracking.PrecipitationModel(net, "vae", cfg, WINDOW, transform, stats)
+    return PrecipitationModel(net, "vae", cfg, WINDOW, transform, stats)
 
 
 @pytest.fixture(scope="module")
@@ -232,39 +233,37 @@ def test_an_extreme_scenario_store_is_verified_against_observed_extremes(store, 
 def test_importance_return_levels_match_the_prior_from_a_shifted_proposal():
     from scipy import stats as sps
 
-    from cloudburst.evaluation.evaluate import _importance_levels
+    from cloudburst.evaluation.observations import importance_levels
 
     rng = np.random.default_rng(0)
     periods = np.array([10.0, 100.0, 1000.0])
     truth = sps.norm.isf(1.0 / periods)
     # plain Monte Carlo: the empirical levels
-    plain = _importance_levels(
-        rng.normal(size=200_000), np.ones(200_000), 200_000, periods, rng, 10
-    )
+    plain = importance_levels(rng.normal(size=200_000), np.ones(200_000), 200_000, periods, rng, 10)
     np.testing.assert_allclose(plain["levels"], truth, atol=0.05)
     # draws from N(2.5, 1) with weights p/q; only those above 1.0 kept (rejection), as stores do
     z = rng.normal(2.5, 1.0, 20_000)
     w = np.exp(-0.5 * z**2 + 0.5 * (z - 2.5) ** 2)
     keep = z > 1.0
-    out = _importance_levels(z[keep], w[keep], z.size, periods, rng, 50)
+    out = importance_levels(z[keep], w[keep], z.size, periods, rng, 50)
     np.testing.assert_allclose(out["levels"], truth, atol=0.06)
     assert (np.array(out["lower"]) <= out["levels"]).all()
     assert (np.array(out["levels"]) <= out["upper"]).all()
     # a level below the rejection threshold cannot be told: NaN, not a wrong number
-    low = _importance_levels(z[keep], w[keep], z.size, np.array([1.5]), rng, 10)
+    low = importance_levels(z[keep], w[keep], z.size, np.array([1.5]), rng, 10)
     assert np.isnan(low["levels"][0])
 
 
 def test_extreme_windows_are_the_wettest_with_a_pixel_above_the_threshold():
-    from cloudburst.evaluation.evaluate import _top_windows
+    from cloudburst.evaluation.observations import top_windows
 
     x = np.zeros((5, 1, 2, 2))
     x[0] = 3.0  # the largest total, no pixel above 5
     x[1, 0, 0, 0] = 9.0
     x[2, 0, 0, 0], x[2, 0, 1, 1] = 6.0, 4.0
     x[3, 0, 0, 0] = np.nan
-    assert list(_top_windows(x, 2, 5.0)) == [2, 1]
-    assert list(_top_windows(x, 1, 100.0)) == []
+    assert list(top_windows(x, 2, 5.0)) == [2, 1]
+    assert list(top_windows(x, 1, 100.0)) == []
 
 
 def test_store_verification_does_not_depend_on_the_tile_size(store, tmp_path):

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from cloudburst.ensembles.condition import window_values
-from cloudburst.ensembles.store import _zarr_store, read_marker
+from cloudburst.ensembles.store import read_marker, zarr_store
 from cloudburst.evaluation.verify import EnsembleVerifier
 
 
@@ -44,7 +44,7 @@ def condition_of(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def store_attrs(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    group = zarr.open_group(_zarr_store(url, options, read_only=True), mode="r")
+    group = zarr.open_group(zarr_store(url, options, read_only=True), mode="r")
     return dict(group.attrs)
 
 
@@ -118,7 +118,7 @@ def verify_conditional(
     condition = condition_of(attrs)
     if condition is None:
         raise ConditionalError(f"{url} is not a conditional ensemble (no condition_data)")
-    group = zarr.open_group(_zarr_store(url, options, read_only=True), mode="r")
+    group = zarr.open_group(zarr_store(url, options, read_only=True), mode="r")
     precip = group["precip"]
     m, steps, ny, nx = (int(n) for n in precip.shape)
     kind = str(attrs.get("scenario", ""))

@@ -1,7 +1,8 @@
-"""Evaluation figures of the quantized-loss study (SPEC §2), in physical units.
+"""Evaluation figures of the quantized-loss study (Szwarcman et al., Quantizing reconstruction
+losses for improving weather data synthesis), in physical units.
 
 Every function returns a matplotlib ``Figure`` on the Agg canvas built by
-:func:`cloudburst.tracking.figure`, outside pyplot: no global state, nothing to close, no display.
+:func:`figure`, outside pyplot: no global state, nothing to close, no display.
 Windows are (n, time, y, x) numpy arrays or tensors; a channel axis (n, 1, time, y, x) is dropped.
 """
 
@@ -13,12 +14,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cloudburst.tracking import figure
+
+def figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure on the Agg canvas, outside pyplot (nothing to close, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "figure",
     "transformation_curve",
     "wrapped_title",
     "bias_maps",
@@ -180,8 +191,9 @@ def latent_interpolation(frames: Any, units: str, time: int | str | None = None)
 def qq_levels(n: int, depth: int = 9) -> np.ndarray:
     """Quantile levels a sample of ``n`` values supports, sorted and unique.
 
-    The ramp 0, 0.1, ..., 0.9 plus SPEC's tail set 1 - 10^-n1 + n2 10^-(n1+1) (n1 = 1..depth,
-    n2 = 0..9), keeping levels q with (1 - q) n >= 1 (at least one value above the quantile).
+    The ramp 0, 0.1, ..., 0.9 plus the quantized-loss study's tail set 1 - 10^-n1 + n2
+    10^-(n1+1) (n1 = 1..depth, n2 = 0..9), keeping levels q with (1 - q) n >= 1 (at least one
+    value above the quantile).
     """
     ramp = np.round(np.arange(10) / 10.0, 12)
     tail = [

@@ -6,14 +6,19 @@ in physical units, logged as ``{prefix}qmse_bin_{j}`` (non-empty bins) and
 ``{prefix}qmse_top5`` / ``{prefix}qmse_top10``, the 0.99 / 0.999 quantiles of inputs and
 reconstructions and the active latent units; and five PNG figures under ``figures/``.
 
-The same :func:`reconstruction_scores` runs on every epoch inside the training workers
-(prefix ``val_``) and on the registered model at the end (prefix ``eval_``).
+The same :func:`~cloudburst.models.scoring.reconstruction_scores` runs on every epoch inside
+the training workers (prefix ``val_``) and on the registered model at the end (prefix
+``eval_``). Models that are not Gaussian latent models get the generative evaluation: samples
+against the windows (quantiles, intensity histograms) and, where the network transforms its
+input itself, the transformation's curve.
+
+:func:`train_and_evaluate` is the training job as users run it: train, register, evaluate.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,19 +32,20 @@ from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset
 from cloudburst.data.windows import build_index, split_index
 from cloudburst.evaluation import figures
-from cloudburst.models.losses import active_units, quantized_mse
+from cloudburst.models.package import PrecipitationModel
+from cloudburst.models.roles import LatentModel, TransformedInput
+from cloudburst.models.scoring import QUANTILES, physical, reconstruction_scores
+from cloudburst.training.job import TrainingOutcome, run_training
 
 __all__ = [
     "FIGURES",
-    "QUANTILES",
-    "Reconstruction",
+    "GENERATIVE_FIGURES",
     "evaluation_windows",
     "log_evaluation",
-    "qmse_metrics",
-    "reconstruction_scores",
+    "train_and_evaluate",
 ]
 
-QUANTILES = (0.99, 0.999)
+log = logging.getLogger(__name__)
 
 FIGURES = (
     "reconstructions",
@@ -88,75 +94,10 @@ def evaluation_windows(
     }
 
 
-def qmse_metrics(mse: torch.Tensor, counts: torch.Tensor, prefix: str = "val_") -> dict[str, float]:
-    """``{prefix}qmse_bin_{j}`` for non-empty bins, plus the mean of the top 5 / 10 of them."""
-    nonempty = [j for j in range(counts.numel()) if int(counts[j]) > 0]
-    out = {f"{prefix}qmse_bin_{j}": float(mse[j]) for j in nonempty}
-    for k in (5, 10):
-        top = nonempty[-k:]
-        if top:
-            out[f"{prefix}qmse_top{k}"] = float(np.mean([float(mse[j]) for j in top]))
-    return out
-
-
-def _physical(transform: Any, y: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(transform.inverse(y.detach().double().cpu())).clamp_min(0.0)
-
-
-@dataclass
-class Reconstruction:
-    """Inputs and deterministic reconstructions in physical units, with the scores on them."""
-
-    phys: torch.Tensor
-    phys_hat: torch.Tensor
-    mse: torch.Tensor
-    counts: torch.Tensor
-    metrics: dict[str, float]
-
-
-@torch.no_grad()
-def reconstruction_scores(
-    model: Any,
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    transform: Any,
-    edges: Any,
-    *,
-    prefix: str = "val_",
-    batch_size: int = 64,
-) -> Reconstruction:
-    """Reconstruct ``x`` (model space) and score it in physical units.
-
-    Metrics: quantized MSE per non-empty bin of ``edges`` and its top 5 / 10 bins
-    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` (and 0.999),
-    and ``{prefix}active_units`` of the encoder means. ``model`` runs where its parameters are.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    mus, outs = [], []
-    for chunk in x.split(batch_size):
-        mu, _ = model.encode(chunk.to(device))
-        mus.append(mu.float().cpu())
-        outs.append(model.decode(mu).float().cpu())
-    model.train(was_training)
-    phys, phys_hat = _physical(transform, x), _physical(transform, torch.cat(outs))
-    edges_t = torch.as_tensor(np.asarray(edges), dtype=torch.float64)
-    mse, counts = quantized_mse(phys, phys_hat, edges_t, mask)
-    metrics = qmse_metrics(mse, counts, prefix)
-    valid = mask.to(torch.bool)
-    for q in QUANTILES:
-        metrics[f"{prefix}q{q}_input"] = float(torch.quantile(phys[valid].float(), q))
-        metrics[f"{prefix}q{q}_recon"] = float(torch.quantile(phys_hat[valid].float(), q))
-    mu_all = torch.cat(mus)
-    metrics[f"{prefix}active_units"] = float(active_units(mu_all)) if len(mu_all) > 1 else 0.0
-    return Reconstruction(phys, phys_hat, mse, counts, metrics)
-
-
 @torch.no_grad()
 def log_evaluation(
     cfg: TrainJobConfig,
-    packaged: tracking.PrecipitationModel,
+    packaged: PrecipitationModel,
     run_id: str,
     *,
     limit: int = 256,
@@ -167,10 +108,11 @@ def log_evaluation(
 
     The model runs on CPU. Returns the logged metrics.
     """
-    model = packaged.model.cpu().eval()
+    packaged.model.cpu().eval()
     data = evaluation_windows(cfg, packaged.transform, limit)
-    if not hasattr(model, "encode"):
+    if not packaged.plays(LatentModel):
         return _log_generative_evaluation(cfg, packaged, data, run_id, seed=seed)
+    model = packaged.network(LatentModel)
     x, mask, stats = data["x"], data["mask"], data["stats"]
     edges = torch.tensor(stats.histogram_edges, dtype=torch.float64)
     rec = reconstruction_scores(
@@ -185,7 +127,7 @@ def log_evaluation(
 
     units = stats.units or packaged.units
     wettest = torch.argsort(phys.flatten(1).sum(1), descending=True)[:4]
-    latent = int(model.cfg.latent)
+    latent = int(model.latent_size)
     generator = torch.Generator().manual_seed(int(seed))
     z = torch.randn(2, latent, generator=generator)
     line = figures.latent_line(z[0], z[1], points=5)
@@ -195,11 +137,11 @@ def log_evaluation(
         ),
         "qq_reconstruction": figures.qq_plot(phys[mask], phys_hat[mask], units),
         "quantized_mse": figures.quantized_mse_per_bin(
-            edges, {f"{cfg.vae.loss} ({data['part']})": mse}, counts, units=units
+            edges, {f"{_model_label(packaged)} ({data['part']})": mse}, counts, units=units
         ),
         "samples": figures.samples_grid(packaged.sample(8, seed=seed), units),
         "latent_interpolation": figures.latent_interpolation(
-            _physical(packaged.transform, model.decode(line)), units
+            physical(packaged.transform, model.decode(line)), units
         ),
     }
     for name in FIGURES:
@@ -213,18 +155,18 @@ GENERATIVE_FIGURES = ("samples", "intensity_histograms", "transformation")
 @torch.no_grad()
 def _log_generative_evaluation(
     cfg: TrainJobConfig,
-    packaged: tracking.PrecipitationModel,
+    packaged: PrecipitationModel,
     data: dict[str, Any],
     run_id: str,
     *,
     seed: int = 0,
     samples: int = 16,
 ) -> dict[str, float]:
-    """For models that only generate (diffusion): samples against the evaluation windows
-    (quantiles, intensity histograms) and the input transformation's curve."""
-    model = packaged.model
+    """For models that are not latent models (diffusion...): samples against the evaluation
+    windows (quantiles, intensity histograms) and, where the network transforms its input
+    itself, the transformation's curve."""
     x, mask, stats = data["x"], data["mask"], data["stats"]
-    phys = _physical(packaged.transform, x)[mask].numpy()
+    phys = physical(packaged.transform, x)[mask].numpy()
     generated = packaged.sample(samples, seed=seed)
     flat = generated.ravel()
     metrics = {"eval_mean_input": float(phys.mean()), "eval_mean_sample": float(flat.mean())}
@@ -249,13 +191,38 @@ def _log_generative_evaluation(
         "intensity_histograms": figures.intensity_histograms(
             edges, counts, units, f"intensities: {title}"
         ),
-        "transformation": figures.transformation_curve(
-            _physical(packaged.transform, u).numpy(),
-            model.to_model_space(u).numpy(),
-            units,
-            f"input transformation ({cfg.diffusion.transform}): {title}",
-        ),
     }
+    if packaged.plays(TransformedInput):
+        network = packaged.network(TransformedInput)
+        made["transformation"] = figures.transformation_curve(
+            physical(packaged.transform, u).numpy(),
+            network.to_model_space(u).numpy(),
+            units,
+            f"input transformation ({packaged.config.get('transform', '')}): {title}",
+        )
     for name in GENERATIVE_FIGURES:
+        if name not in made:
+            continue
         tracking.log_figure(made[name], f"figures/{name}.png", run_id=run_id)
     return metrics
+
+
+def _model_label(packaged: PrecipitationModel) -> str:
+    """What tells this model apart in a legend: its loss, else its family."""
+    return str(packaged.config.get("loss") or packaged.name)
+
+
+def train_and_evaluate(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
+    """The training job: :func:`~cloudburst.training.job.run_training`, then
+    :func:`log_evaluation` of the registered model into its run. A failed evaluation is
+    logged as a warning; the model stays registered."""
+    outcome = run_training(cfg, sizes, uri)
+    assert outcome.packaged is not None
+    try:
+        outcome.metrics = log_evaluation(cfg, outcome.packaged, outcome.run_id)
+    except Exception as exc:  # noqa: BLE001 - the model is registered; report, do not fail
+        log.warning("evaluation failed: %r", exc)
+    else:
+        top = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if "_top" in k)
+        log.info("evaluation figures and scores logged (%s)", top or "no bins")
+    return outcome

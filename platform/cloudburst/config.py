@@ -7,20 +7,48 @@ the value given and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cloudburst import compat
+from cloudburst.models import registry
+from cloudburst.models.diffusion import DiffusionConfig
+from cloudburst.models.vae import VAEConfig
+from cloudburst.schema import ConfigError, Strict
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DatasetJobConfig",
+    "DiffusionConfig",
+    "IngestConfig",
+    "LoaderConfig",
+    "RunConfig",
+    "SplitConfig",
+    "StorageConfig",
+    "Strict",
+    "SyntheticConfig",
+    "TrainConfig",
+    "TrainJobConfig",
+    "VAEConfig",
+    "WindowConfig",
+    "apply_overrides",
+    "job_config_class",
+    "load_config",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message lists every problem."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class StorageConfig(Strict):
@@ -152,55 +180,6 @@ class DataConfig(Strict):
     transform: Literal["none", "sqrt"] = "none"
 
 
-class VAEConfig(Strict):
-    """The quantized-loss VAE (paper 000): network size, objective and regulariser."""
-
-    widths: tuple[int, ...] = Field((64, 128, 256), min_length=2)
-    latent: int = Field(30, ge=1)
-    loss: Literal["rec", "qt", "wqt", "rec+qt", "rec+wqt", "focal_mse", "focal_hist"] = "rec+wqt"
-    bins: int = Field(100, ge=2)
-    focal_lambda: float = Field(100.0, gt=0)
-    focal_beta: float = Field(0.2, gt=0)
-    focal_gamma: float = Field(1.0, ge=0)
-    regulariser: Literal["mmd", "kl"] = "mmd"
-    reg_weight: float = Field(1.0, ge=0)
-    rec_weight: float = Field(1.0, gt=0, description="lambda of the fair control lambda * L_rec")
-
-    @field_validator("widths")
-    @classmethod
-    def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(w < 1 for w in v):
-            raise ValueError("every width must be >= 1")
-        return v
-
-
-class DiffusionConfig(Strict):
-    """The v-prediction diffusion model (paper 001): U-Net size, schedule, input
-    transformation and sampler."""
-
-    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1)
-    blocks: int = Field(1, ge=1, description="residual blocks per U-Net level")
-    embedding: int = Field(64, ge=4, description="width of the lambda embedding")
-    lambda_min: float = -30.0
-    lambda_max: float = 30.0
-    transform: Literal["none", "sqrt", "learnt"] = "learnt"
-    min_gradient: float = Field(0.1, gt=0, description="c of the learnt transformation")
-    masking: tuple[float, float] = (-0.99975, 1.0)
-    steps: int = Field(100, ge=1, description="sampler steps")
-    sampler: Literal["ancestral", "ddim"] = "ancestral"
-    guidance: float = Field(1.0e6, ge=0, description="reconstruction-guidance weight w_r")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> DiffusionConfig:
-        if not self.lambda_min < self.lambda_max:
-            raise ValueError("lambda_min must be below lambda_max")
-        if not self.masking[0] < self.masking[1]:
-            raise ValueError("masking must be an interval (low, high) with low < high")
-        if any(w < 1 for w in self.widths):
-            raise ValueError("every width must be >= 1")
-        return self
-
-
 class DatasetJobConfig(Strict):
     """Prepare a dataset: ingest an archive (or generate synthetic data) and index its windows.
 
@@ -262,8 +241,12 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
 
 def _describe(errors: list[dict[str, Any]], source: str) -> str:
     lines = [f"invalid config ({source}):"]
+    kinds = set(registry.names(plugins=False))
     for err in errors:
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = list(err["loc"])
+        if len(loc) > 1 and loc[0] == "model" and loc[1] in kinds:
+            del loc[1]  # the union's tag: model.loss, not model.vae.loss
+        field = ".".join(str(p) for p in loc) or "(top level)"
         given = err.get("input")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -271,11 +254,15 @@ def _describe(errors: list[dict[str, Any]], source: str) -> str:
         elif err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             msg = f"allowed: {allowed}"
+        elif err["type"] == "union_tag_invalid":
+            given = err.get("ctx", {}).get("tag", given)
+            msg = f"unknown model kind; known: {', '.join(sorted(kinds))}"
         lines.append(f"  - {field}: got {given!r}; {msg}")
     return "\n".join(lines)
 
 
 def validate(cls: type[M], tree: dict[str, Any], source: str = "config") -> M:
+    registry.load_plugins()  # families of other packages join the model union first
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
@@ -313,7 +300,12 @@ class TrainConfig(Strict):
     max_val_batches: int | None = Field(
         None, ge=1, description="validation batches per epoch (None: the whole split)"
     )
-    lr: float | None = Field(None, gt=0, description="None: 5e-5 for quantized losses, else 1e-5")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="None: the model family's default (VAE: 5e-5 for quantized "
+        "losses, else 1e-5; diffusion: 1e-4)",
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     patience: int = Field(10, ge=1, description="early stopping on validation loss")
     seed: int = 0
@@ -338,39 +330,95 @@ class RunConfig(Strict):
     )
 
 
+def _model_kind(value: Any) -> str:
+    """The tag of a model section: its ``kind`` (``vae`` when a mapping names none)."""
+    if isinstance(value, BaseModel):
+        return str(getattr(value, "kind", ""))
+    if isinstance(value, dict):
+        return str(value.get("kind", "vae"))
+    return ""
+
+
+def _model_union() -> Any:
+    """``model``: one member per registered family, told apart by ``kind``."""
+    members = tuple(Annotated[f.config, Tag(f.name)] for f in registry.families(plugins=False))
+    return Annotated[Union[members], Discriminator(_model_kind)]  # noqa: UP007
+
+
+def _legacy_model_section(tree: Any) -> Any:
+    """The earlier spelling ``model: NAME`` with a top-level section ``NAME:`` (or a bare
+    ``vae:`` section) becomes ``model: {kind: NAME, ...}``; a top-level section named after
+    the model's kind is merged into it (so ``vae.loss=rec`` still overrides). Sections of
+    other families are left in place, and fail as unknown fields."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = dict(tree)
+    model = tree.get("model")
+    if model is None:
+        kind = "vae"
+        section: dict[str, Any] = {}
+    elif isinstance(model, str):
+        kind, section = model, {}
+    elif isinstance(model, dict):
+        kind, section = str(model.get("kind", "vae")), dict(model)
+    else:
+        return tree
+    legacy = tree.get(kind)
+    if model is None and legacy is None:
+        return tree
+    if legacy is not None:
+        if not isinstance(legacy, dict):
+            return tree
+        tree.pop(kind)
+        section = {**legacy, **section}
+    tree["model"] = {**section, "kind": kind}
+    return tree
+
+
 class TrainJobConfig(Strict):
-    """A training job: data, model, optimisation, run; `jobs/train.py --config ...`."""
+    """A training job: data, model, optimisation, run; `jobs/train.py --config ...`.
+
+    ``model`` is the section of one registered model family, told apart by ``model.kind``
+    (``vae``, ``diffusion``, or any family added with ``cloudburst.models.registry``).
+    """
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: Literal["vae", "diffusion"] = "vae"
-    vae: VAEConfig = Field(default_factory=VAEConfig)
-    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    model: VAEConfig | DiffusionConfig = Field(default_factory=VAEConfig)  # see _model_union
     train: TrainConfig = Field(default_factory=TrainConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_spelling(cls, tree: Any) -> Any:
+        return _legacy_model_section(tree)
+
     @model_validator(mode="after")
-    def _diffusion_inputs(self) -> TrainJobConfig:
-        if self.model == "diffusion" and (
-            self.data.scaling != "unit" or self.data.transform != "none"
-        ):
-            raise ValueError(
-                "the diffusion model takes windows scaled to [0, 1] and applies its own "
-                "transformation: keep data.scaling=unit and data.transform=none, and choose "
-                "diffusion.transform (none, sqrt or learnt)"
-            )
+    def _family_takes_the_data(self) -> TrainJobConfig:
+        check = registry.family(self.model.kind).check_data
+        reason = check(self.data) if check is not None else None
+        if reason:
+            raise ValueError(reason)
         return self
 
-    def model_section(self) -> VAEConfig | DiffusionConfig:
-        """The section of the model this job trains."""
-        return self.diffusion if self.model == "diffusion" else self.vae
+    @property
+    def family(self) -> registry.ModelFamily:
+        """The registry entry of the model this job trains."""
+        return registry.family(self.model.kind)
 
     def learning_rate(self) -> float:
+        """``train.lr``, else the family's default for this config."""
         if self.train.lr is not None:
             return self.train.lr
-        if self.model == "diffusion":
-            return 1e-4
-        return 5e-5 if self.vae.loss in ("qt", "wqt", "rec+qt", "rec+wqt") else 1e-5
+        return self.family.default_learning_rate(self.model)
+
+
+def _rebuild_model_union() -> None:
+    compat.replace_model_field(TrainJobConfig, "model", _model_union(), VAEConfig)
+
+
+_rebuild_model_union()
+registry.on_change(_rebuild_model_union)
 
 
 def job_config_class(path: str | Path) -> type[BaseModel]:
@@ -386,6 +434,6 @@ def job_config_class(path: str | Path) -> type[BaseModel]:
             f"{path} is a Ray Serve deploy config, not a job config: start it with "
             f"`serve run {path}` (or `serve deploy {path}` onto a running cluster)"
         )
-    if isinstance(tree, dict) and {"train", "model", "vae", "diffusion", "run"} & set(tree):
+    if isinstance(tree, dict) and {"train", "model", "run", *registry.names()} & set(tree):
         return TrainJobConfig
     return DatasetJobConfig

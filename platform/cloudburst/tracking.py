@@ -9,12 +9,8 @@ in ``artifacts/`` beside the database (never in an ``mlruns/`` of the working di
 tracking server (http/https) is checked first by :func:`check_tracking`, which fails within
 seconds instead of MLflow's minutes of retries.
 
-A packaged model (:class:`PrecipitationModel`) is the network with everything needed to map its
-outputs back to physical units: model name, model config, window shape (time, y, x), the data
-transformation state and the store statistics. On disk it is a folder with ``weights.pt``
-(the state_dict) and ``cloudburst-model.json`` (the rest).
-
-In MLflow it is a pyfunc model (:class:`PrecipitationPyfunc`) whose only artifact is that folder.
+A packaged model (:class:`cloudburst.models.package.PrecipitationModel`, a folder) is logged
+to MLflow as a pyfunc model (:class:`PrecipitationPyfunc`) whose only artifact is that folder.
 The pyfunc convention: ``predict`` takes a float32 tensor (n, time, y, x) of precipitation in
 physical units (NaN allowed for missing values) and returns its reconstruction, same shape,
 physical units. Sampling is not a pyfunc call: :func:`load_model` (``models:/NAME@champion``,
@@ -30,7 +26,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import urllib.error
@@ -41,8 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# No usage reporting from a training cluster (see ../shared/STACK.md); set before mlflow loads.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from cloudburst import compat, environment, netcheck
+
+# No usage reporting from a training cluster; set before mlflow loads.
+environment.apply_defaults(environment.IMPORT)
 
 import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
@@ -53,21 +50,15 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
-from torch import nn  # noqa: E402
 
-from cloudburst.data import transforms as transforms_mod  # noqa: E402
-from cloudburst.data.ingest import StoreStats  # noqa: E402
-from cloudburst.data.transforms import Transform  # noqa: E402
+from cloudburst.models.package import METADATA_FILE, PrecipitationModel  # noqa: E402
 
 DEFAULT_EXPERIMENT = "cloudburst"
 PARAM_VALUE_LIMIT = 500  # MLflow servers before 2.x-era migrations cap param values at 500 chars
 PARAM_KEY_LIMIT = 250
 CONNECT_TIMEOUT_S = 3.0
 HTTP_TIMEOUT_S = 5.0
-METADATA_FILE = "cloudburst-model.json"
-WEIGHTS_FILE = "weights.pt"
 PACKAGE_ARTIFACT = "package"
-FORMAT_VERSION = 1
 # metrics shown by ``cloudburst models list``, first present wins
 VAL_LOSS_KEYS = ("best_val_loss", "val/best_loss", "best/val_loss", "val_loss", "val/loss")
 
@@ -132,20 +123,15 @@ def check_tracking(uri: str) -> None:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("http", "https"):
         return
-    host = parsed.hostname or "localhost"
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    host, port = netcheck.endpoint_address(uri)
     advice = (
         "Start the server (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
         f"--host {host} --port {port}`), or point --tracking-uri / MLFLOW_TRACKING_URI at a "
         "reachable server, or unset both to use the local store under outputs/mlflow"
     )
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({exc.strerror or exc}). {advice}."
-        ) from None
+    refused = netcheck.tcp_probe(host, port, CONNECT_TIMEOUT_S)
+    if refused is not None:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({refused}). {advice}.")
     base = uri.rstrip("/")
     headers = _auth_headers()
     status, detail = _http_get(f"{base}/health", {}, HTTP_TIMEOUT_S)
@@ -298,178 +284,6 @@ def log_config(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[
 # ----------------------------------------------------------------------------- packaging
 
 
-def _config_dict(config: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(config, BaseModel):
-        return config.model_dump(mode="json")
-    return json.loads(json.dumps(dict(config)))
-
-
-def model_config(name: str, config: Mapping[str, Any]) -> Any:
-    """The config object that ``registry.build(name, ...)`` takes, from its JSON form."""
-    if name == "vae":
-        from cloudburst.config import VAEConfig
-
-        return VAEConfig.model_validate(dict(config))
-    if name == "diffusion":
-        from cloudburst.config import DiffusionConfig
-
-        return DiffusionConfig.model_validate(dict(config))
-    return dict(config)
-
-
-class PrecipitationModel:
-    """A trained network plus what maps its outputs to physical units.
-
-    ``model``: the torch module (kept in eval mode); ``name`` and ``config``: what
-    ``cloudburst.models.registry.build`` takes; ``window``: (time, y, x); ``transform``:
-    physical -> model space (``state()`` is stored); ``stats``: the store's ``StoreStats``
-    (dict or object, may be None).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        name: str,
-        config: BaseModel | Mapping[str, Any],
-        window: tuple[int, int, int],
-        transform: Transform,
-        stats: StoreStats | Mapping[str, Any] | None = None,
-    ) -> None:
-        self.model = model.eval()
-        self.name = name
-        self.config = _config_dict(config)
-        self.window = tuple(int(n) for n in window)
-        if len(self.window) != 3:
-            raise ValueError(f"window must be (time, y, x), got {window!r}")
-        self.transform = transform
-        if isinstance(stats, StoreStats):
-            stats = stats.to_dict()
-        self.stats: dict[str, Any] | None = (
-            json.loads(json.dumps(dict(stats))) if stats is not None else None
-        )
-
-    # --------------------------------------------------------------- physical-unit interface
-
-    @property
-    def units(self) -> str:
-        return str((self.stats or {}).get("units", ""))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def sample(self, n: int, seed: int = 0) -> np.ndarray:
-        """``n`` generated windows, float32 (n, time, y, x) in physical units (>= 0)."""
-        if int(n) < 1:
-            raise ValueError(f"n must be >= 1 (got {n})")
-        generator = torch.Generator().manual_seed(int(seed))
-        with torch.no_grad():
-            y = self.model.sample(int(n), generator=generator)
-        return self._to_physical(y)
-
-    def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        """The deterministic reconstruction of physical windows (n, time, y, x), physical.
-
-        NaN (missing values) are filled with 0 in physical units before the transformation,
-        as the training loader does; the reconstruction fills them in. A model that only
-        generates (diffusion) instead fills the NaN by sampling conditioned on the rest
-        (reconstruction guidance with the config's ``guidance``). A single window
-        (time, y, x) gives a single window back.
-        """
-        arr = np.asarray(x, dtype=np.float32)
-        single = arr.ndim == 3
-        if single:
-            arr = arr[None]
-        if arr.ndim != 4 or tuple(arr.shape[1:]) != self.window:
-            raise ValueError(
-                f"expected windows of shape (n, {', '.join(map(str, self.window))}) "
-                f"(n, time, y, x) in physical units, got {tuple(np.shape(x))}"
-            )
-        filled = np.where(np.isnan(arr), np.float32(0.0), arr)
-        model_space = np.asarray(self.transform.forward(filled), dtype=np.float32)
-        model_space = np.nan_to_num(model_space, nan=0.0)
-        tensor = torch.from_numpy(np.ascontiguousarray(model_space))[:, None].to(self.device)
-        if hasattr(self.model, "reconstruct"):
-            with torch.no_grad():
-                out = self._to_physical(self.model.reconstruct(tensor))
-        else:
-            out = self._complete(arr, tensor)
-        return out[0] if single else out
-
-    def _complete(self, arr: np.ndarray, known: torch.Tensor, seed: int = 0) -> np.ndarray:
-        """A generative-only model fills the NaN of ``arr`` by conditional sampling
-        (reconstruction guidance); the known values come back as they were."""
-        valid = np.isfinite(arr)
-        if valid.all():
-            return arr.copy()
-        mask = torch.from_numpy(valid)[:, None].to(self.device)
-        guidance = float(self.config.get("guidance", 0.0))
-        generator = torch.Generator().manual_seed(int(seed))
-        y = self.model.sample(len(arr), generator=generator, condition=(known, mask, guidance))
-        out = self._to_physical(y)
-        return np.where(valid, arr, out).astype(np.float32)
-
-    def _to_physical(self, y: torch.Tensor) -> np.ndarray:
-        arr = y.detach().float().cpu().numpy()[:, 0]
-        phys = np.asarray(self.transform.inverse(arr), dtype=np.float32)
-        return np.maximum(phys, np.float32(0.0))
-
-    # ----------------------------------------------------------------------- on disk
-
-    def metadata(self) -> dict[str, Any]:
-        from cloudburst import __version__
-
-        return {
-            "format": FORMAT_VERSION,
-            "model": self.name,
-            "config": self.config,
-            "window": list(self.window),
-            "transform": self.transform.state(),
-            "stats": self.stats,
-            "units": self.units,
-            "cloudburst": __version__,
-            "torch": str(torch.__version__),
-        }
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``weights.pt`` and ``cloudburst-model.json`` into folder ``path``."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        torch.save(state, folder / WEIGHTS_FILE)
-        (folder / METADATA_FILE).write_text(json.dumps(self.metadata(), indent=2))
-        return folder
-
-    @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PrecipitationModel:
-        """Rebuild from a folder written by :meth:`save`."""
-        from cloudburst.models import registry
-
-        folder = Path(path)
-        meta_file = folder / METADATA_FILE
-        if not meta_file.exists():
-            raise FileNotFoundError(f"{folder} holds no packaged model (no {METADATA_FILE})")
-        meta = json.loads(meta_file.read_text())
-        if int(meta.get("format", 0)) > FORMAT_VERSION:
-            raise ValueError(
-                f"{folder} was written by a newer cloudburst (format {meta['format']}); upgrade"
-            )
-        name = meta["model"]
-        window = tuple(int(n) for n in meta["window"])
-        network = registry.build(name, model_config(name, meta["config"]), window)
-        state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
-        network.load_state_dict(state)
-        network.to(map_location)
-        return cls(
-            network,
-            name,
-            meta["config"],
-            window,  # type: ignore[arg-type]
-            transforms_mod.from_state(meta["transform"]),
-            meta.get("stats"),
-        )
-
-
 # ------------------------------------------------------------------------ MLflow pyfunc
 
 
@@ -485,7 +299,8 @@ class PrecipitationPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.package = PrecipitationModel.load(context.artifacts[PACKAGE_ARTIFACT])
 
-    def _loaded(self) -> PrecipitationModel:
+    def loaded(self) -> PrecipitationModel:
+        """The packaged model behind this pyfunc (raises until MLflow has loaded it)."""
         if self.package is None:
             raise TrackingError(
                 "the pyfunc model is not loaded (load it with mlflow or load_model)"
@@ -495,13 +310,13 @@ class PrecipitationPyfunc(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        return self._loaded().reconstruct(np.asarray(model_input, dtype=np.float32))
+        return self.loaded().reconstruct(np.asarray(model_input, dtype=np.float32))
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
-        return self._loaded().sample(n, seed)
+        return self.loaded().sample(n, seed)
 
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
-        return self._loaded().reconstruct(x)
+        return self.loaded().reconstruct(x)
 
 
 # The pyfunc is logged as "model from code" (this script), not as a pickled object.
@@ -536,18 +351,8 @@ def _requirements() -> list[str]:
 
 
 def default_tags(packaged: PrecipitationModel) -> dict[str, str]:
-    """Version tags derived from the package: model, loss, bins, window, transform, units."""
-    tags = {
-        "model": packaged.name,
-        "window": "x".join(str(n) for n in packaged.window),
-        "transform": str(packaged.transform.state().get("kind", "")),
-    }
-    for key in ("loss", "bins", "regulariser", "latent"):
-        if key in packaged.config:
-            tags[key] = str(packaged.config[key])
-    if packaged.units:
-        tags["units"] = packaged.units
-    return tags
+    """Version tags derived from the package (see ``PrecipitationModel.tags``)."""
+    return packaged.tags()
 
 
 @contextlib.contextmanager
@@ -672,7 +477,7 @@ def load_model(
     wrapper = pyfunc.unwrap_python_model()
     if not isinstance(wrapper, PrecipitationPyfunc):
         raise TrackingError(f"{uri} is not a cloudburst model (it is {type(wrapper).__name__})")
-    package = wrapper._loaded()
+    package = wrapper.loaded()
     if map_location != "cpu":
         package.model.to(map_location)
     return package
@@ -681,17 +486,51 @@ def load_model(
 # ----------------------------------------------------------------------------- registry
 
 
+def pin(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(``models:/NAME/VERSION``, run id) that ``uri`` points at now; nothing is loaded."""
+    version_uri, run_id, _ = pin_version(uri, tracking_uri)
+    return version_uri, run_id
+
+
+def pin_version(
+    uri: str, tracking_uri: str | None = None
+) -> tuple[str, str | None, dict[str, str]]:
+    """:func:`pin`, with the version's tags (model family, window, units...).
+
+    An alias (``models:/NAME@ALIAS``) is resolved to the version it points at now, so work
+    that takes a while keeps using that version whatever the alias does meanwhile.
+    """
+    body = uri[len("models:/") :] if uri.startswith("models:/") else ""
+    if not body:
+        raise TrackingError(
+            f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    if "@" not in body and "/" not in body:
+        raise TrackingError(
+            f"model {uri!r} names no version or alias; use models:/{body}@candidate "
+            f"or models:/{body}/1"
+        )
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = body.rsplit("/", 1)
+            mv = client.get_model_version(name, number)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"model {uri} not found in the registry: {exc.message}. `cloudburst models list` "
+            "shows the registered models, versions and aliases"
+        ) from None
+    return f"models:/{mv.name}/{mv.version}", mv.run_id, dict(mv.tags or {})
+
+
 def _client(uri: str | None) -> tuple[MlflowClient, str]:
     """A client of ``uri``, else of MLflow's current URI if one was set, else the local store."""
-    resolved = uri or (_current_uri() if _uri_is_set() else tracking_uri(None))
+    resolved = uri or (_current_uri() if compat.tracking_uri_is_set() else tracking_uri(None))
     check_tracking(resolved)
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved), resolved
-
-
-def _uri_is_set() -> bool:
-    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-
-    return bool(is_tracking_uri_set())
 
 
 def _current_uri() -> str:
@@ -823,16 +662,6 @@ def promote(
 
 
 # ------------------------------------------------------------------------------- figures
-
-
-def figure(**kwargs: Any) -> Any:
-    """A matplotlib Figure on the Agg canvas, outside pyplot (nothing to close, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def log_figure(fig: Any, path: str, *, run_id: str | None = None, dpi: int = 100) -> None:

@@ -29,7 +29,7 @@ class Transform(Protocol):
 
 
 def _clip_low(x: Any, low: float) -> Any:
-    if hasattr(x, "clamp"):
+    if hasattr(x, "clamp"):  # a torch tensor (numpy arrays have no clamp)
         return x.clamp(min=low)
     return np.maximum(x, low)
 

@@ -12,7 +12,6 @@ bytes of the full run (on a given device and library build).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats as sps
 
 from cloudburst import storage, tracking
 from cloudburst.ensembles.condition import (
@@ -31,8 +29,17 @@ from cloudburst.ensembles.condition import (
     output_frames,
     read_condition,
 )
-from cloudburst.ensembles.request import EnsembleRequest, Scenario
+from cloudburst.ensembles.proposals import (
+    LatentProposal,
+    ProposalError,
+    decoder_direction,
+    member_rng,
+)
+from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
+from cloudburst.models import registry
+from cloudburst.models.package import PrecipitationModel
+from cloudburst.models.roles import Condition, ConditionalSampler, Generative, LatentModel
 
 
 class EnsembleError(ValueError):
@@ -41,54 +48,18 @@ class EnsembleError(ValueError):
 
 @dataclass
 class ResolvedModel:
-    packaged: tracking.PrecipitationModel
+    packaged: PrecipitationModel
     uri: str  # as asked
     version_uri: str  # models:/NAME/VERSION, or the asked URI when not from the registry
     run_id: str | None
 
 
-def pin(uri: str, tracking_uri: str | None = None) -> tuple[str, str | None]:
-    """(``models:/NAME/VERSION``, run id) that ``uri`` points at now; nothing is loaded."""
-    version_uri, run_id, _ = pin_version(uri, tracking_uri)
-    return version_uri, run_id
-
-
-def pin_version(
-    uri: str, tracking_uri: str | None = None
-) -> tuple[str, str | None, dict[str, str]]:
-    """:func:`pin`, with the version's tags (model kind, window, units...)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    body = uri[len("models:/") :] if uri.startswith("models:/") else ""
-    if not body:
-        raise EnsembleError(
-            f"model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
-    if "@" not in body and "/" not in body:
-        raise EnsembleError(
-            f"model {uri!r} names no version or alias; use models:/{body}@candidate "
-            f"or models:/{body}/1"
-        )
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = body.rsplit("/", 1)
-            mv = client.get_model_version(name, number)
-    except MlflowException as exc:
-        raise EnsembleError(
-            f"model {uri} not found in the registry: {exc.message}. `cloudburst models list` "
-            "shows the registered models, versions and aliases"
-        ) from None
-    return f"models:/{mv.name}/{mv.version}", mv.run_id, dict(mv.tags or {})
-
-
 def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Load ``uri`` pinned to a version: an alias is resolved to the version it points at now."""
-    version_uri, run_id = pin(uri, tracking_uri)
+    try:
+        version_uri, run_id = tracking.pin(uri, tracking_uri)
+    except tracking.TrackingError as exc:
+        raise EnsembleError(str(exc)) from None
     packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
     return ResolvedModel(packaged, uri, version_uri, run_id)
 
@@ -96,50 +67,27 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
 # ---------------------------------------------------------------------------------- draws
 
 
-def _rng(seed: int, k: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(k)]))
-
-
-def decoder_direction(model: Any, latent: int, draws: int = 64) -> np.ndarray:
-    """Unit latent direction along which decoded maxima grow fastest on average.
-
-    The gradient of the mean of each decoded window's top 1% pixels, averaged over ``draws``
-    fixed prior draws: a property of the model alone, so it is the same on every replica.
-    """
-    device = next(model.parameters()).device
-    z = torch.from_numpy(_rng(0, 0).standard_normal((draws, latent))).float().to(device)
-    z.requires_grad_(True)
-    with torch.enable_grad():
-        out = model.decode(z).flatten(1)
-        k = max(1, out.shape[1] // 100)
-        out.topk(k, dim=1).values.mean().backward()
-    grad = z.grad.detach().double().cpu().numpy().mean(axis=0)
-    norm = float(np.linalg.norm(grad))
-    if not math.isfinite(norm) or norm == 0.0:
-        raise EnsembleError("the decoder's maxima do not vary with z; give scenario.direction")
-    return grad / norm
-
-
 def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
-    """Refuse a scenario or setting the model kind (``diffusion``, ``vae``...) cannot serve."""
+    """Refuse a scenario or setting that the model family ``kind`` cannot serve."""
     s = request.scenario
-    if kind == "diffusion":
-        if s.kind == "extreme":
-            raise EnsembleError(
-                f"{uri} is a diffusion model: its scenarios are unconditional, interpolation, "
-                "forecast and extension (each with an optional threshold); the extreme "
-                "scenario steers a latent model"
-            )
-        return
-    if s.conditional:
+    try:
+        entry = registry.family(kind)
+    except ValueError:
         raise EnsembleError(
-            f"{uri} is a {kind!r} model; {s.kind} needs a diffusion model "
-            "(conditioning on observed frames is done by its sampler)"
+            f"{uri} is a {kind} model, a family this server does not know "
+            f"(known: {', '.join(registry.names())})"
+        ) from None
+    if s.kind not in entry.scenarios:
+        served = ", ".join(k for k in registry.SCENARIOS if k in entry.scenarios)
+        others = sorted(
+            f.name for f in registry.families() if s.kind in f.scenarios and f.name != kind
         )
-    if request.steps is not None or request.sampler is not None:
+        hint = f"; {s.kind} is served by {', '.join(others)} models" if others else ""
+        raise EnsembleError(f"{uri} is a {kind} model: its scenarios are {served}{hint}")
+    if not entry.sampler_settings and (request.steps is not None or request.sampler is not None):
         raise EnsembleError(
-            f"steps and sampler apply to diffusion models; {uri} is a {kind!r} model "
-            "(remove them from the request)"
+            f"steps and sampler apply to models with an iterative sampler; {uri} is a "
+            f"{kind} model (remove them from the request)"
         )
 
 
@@ -163,44 +111,6 @@ def check_request(request: EnsembleRequest, tags: dict[str, str], uri: str) -> N
             raise EnsembleError(str(exc)) from None
 
 
-class LatentProposal:
-    """Draws z for draw indices, with importance weights p(z) / q(z) under the scenario."""
-
-    def __init__(self, scenario: Scenario, latent: int, direction: np.ndarray | None) -> None:
-        self.s = scenario
-        self.d = latent
-        self.direction = direction
-        self.r_q = float(sps.chi.ppf(scenario.tail_quantile, latent))
-
-    def draw(self, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z = np.empty((len(indices), self.d), dtype=np.float64)
-        w = np.ones(len(indices), dtype=np.float64)
-        s, a = self.s, self.s.defensive
-        for i, k in enumerate(indices):
-            rng = _rng(seed, int(k))
-            u = rng.standard_normal(self.d)
-            if s.kind == "unconditional":
-                z[i] = u
-                continue
-            from_prior = rng.random() < a
-            if s.proposal == "tail":
-                if from_prior:
-                    z[i] = u
-                else:
-                    q = s.tail_quantile
-                    r = sps.chi.ppf(q + (1.0 - q) * rng.random(), self.d)
-                    z[i] = u / np.linalg.norm(u) * r
-                in_tail = float(np.linalg.norm(z[i]) > self.r_q)
-                w[i] = 1.0 / (a + (1.0 - a) * in_tail / (1.0 - s.tail_quantile))
-            else:
-                assert self.direction is not None
-                shift = s.shift * self.direction
-                z[i] = u if from_prior else u + shift
-                log_ratio = float(z[i] @ shift) - 0.5 * float(shift @ shift)
-                w[i] = 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))
-        return z, w
-
-
 # ---------------------------------------------------------------------------------- engine
 
 
@@ -216,30 +126,41 @@ class EnsembleResult:
 
 
 class Generator:
-    """A loaded model bound to a request: draws, decodes and writes chunks."""
+    """A loaded model bound to a request: draws, decodes and writes chunks.
+
+    How members are drawn follows the roles the model's family plays: a
+    :class:`~cloudburst.models.roles.LatentModel` decodes latent draws from the scenario's
+    proposal (unconditional or extreme, with importance weights); a
+    :class:`~cloudburst.models.roles.ConditionalSampler` samples batches with one noise stream
+    per member (unconditional or conditioned on observed frames); any other
+    :class:`~cloudburst.models.roles.Generative` model samples each member from its own
+    stream.
+    """
 
     def __init__(self, request: EnsembleRequest, model: ResolvedModel) -> None:
         self.request = request
         self.model = model
         packaged = model.packaged
-        net = packaged.model
         s = request.scenario
-        self.latent = int(packaged.config.get("latent", 0)) if packaged.config else 0
-        self.diffusion = packaged.name == "diffusion"
+        check_kind(request, packaged.name, model.uri)
         self.window: tuple[int, int, int] = tuple(packaged.window)  # type: ignore[assignment]
         self.observed: ObservedWindow | None = None
         self.direction: np.ndarray | None = None
         self.proposal: LatentProposal | None = None
-        check_kind(request, packaged.name, model.uri)
-        if self.diffusion:
-            self._bind_condition(request, packaged)
+        self.latent = 0
+        self.condition: Condition | None = None
+        self.guidance = 0.0
+        self.sampler_settings = packaged.family.sampler_settings
+        self.streams = not packaged.plays(LatentModel) or s.conditional
+        if self.streams:
+            if packaged.plays(ConditionalSampler):
+                self._bind_condition(request, packaged)
+            else:
+                packaged.network(Generative)  # a clear error if it cannot even generate
             self.threshold = self._threshold()
             return
-        if not (self.latent and hasattr(net, "decode")):
-            raise EnsembleError(
-                f"{model.uri} is a {packaged.name!r} model without a latent decoder; "
-                "the unconditional and extreme scenarios need a latent model (a VAE)"
-            )
+        net = packaged.network(LatentModel)
+        self.latent = int(net.latent_size)
         direction = None
         if s.kind == "extreme" and s.proposal == "shift":
             if s.direction is not None:
@@ -251,15 +172,21 @@ class Generator:
                     )
                 direction = direction / np.linalg.norm(direction)
             else:
-                direction = decoder_direction(net, self.latent)
+                try:
+                    direction = decoder_direction(net, self.latent)
+                except ProposalError as exc:
+                    raise EnsembleError(str(exc)) from None
         self.direction = direction
         self.proposal = LatentProposal(s, self.latent, direction)
         self.threshold = self._threshold()
 
-    def _bind_condition(self, request: EnsembleRequest, packaged: Any) -> None:
+    def _bind_condition(self, request: EnsembleRequest, packaged: PrecipitationModel) -> None:
         """Read and check the observed frames; fix the output window and the known mask."""
         s = request.scenario
         frames = packaged.window[0]
+        self.guidance = float(packaged.config.get("guidance", 0.0))
+        if not s.conditional:
+            return
         try:
             known_steps(s, frames)  # checks every / context against the window
             self.observed = read_condition(
@@ -271,18 +198,15 @@ class Generator:
         except ConditionError as exc:
             raise EnsembleError(str(exc)) from None
         self.window = (output_frames(s, frames), *packaged.window[1:])
-        self.guidance = (
-            float(s.guidance)
-            if s.guidance is not None
-            else float(packaged.config.get("guidance", 0.0))
-        )
+        if s.guidance is not None:
+            self.guidance = float(s.guidance)
         if self.observed is not None:
             obs = self.observed
-            physical = np.nan_to_num(obs.values, nan=0.0)
-            unit = np.asarray(packaged.transform.forward(physical), dtype=np.float32)
+            unit = packaged.to_model_space(obs.values)
             device = packaged.device
-            self._known = torch.from_numpy(np.nan_to_num(unit, nan=0.0))[None, None].to(device)
-            self._mask = torch.from_numpy(obs.mask)[None, None].to(device)
+            known = torch.from_numpy(np.nan_to_num(unit, nan=0.0))[None, None].to(device)
+            mask = torch.from_numpy(obs.mask)[None, None].to(device)
+            self.condition = Condition(known, mask, self.guidance)
 
     def _threshold(self) -> float | None:
         s = self.request.scenario
@@ -310,20 +234,21 @@ class Generator:
             rows = z[a : a + bs]
             batch = np.zeros((bs, self.latent), dtype=np.float32)
             batch[: len(rows)] = rows
-            y = packaged.model.decode(torch.from_numpy(batch).to(device))
-            out.append(packaged._to_physical(y)[: len(rows)])
+            y = packaged.network(LatentModel).decode(torch.from_numpy(batch).to(device))
+            out.append(packaged.to_physical(y)[: len(rows)])
         return np.concatenate(out) if out else np.zeros((0, *packaged.window), np.float32)
 
     def draws(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(windows, weights) of draws ``indices``."""
-        if self.diffusion:
-            return self.sample_diffusion(indices), np.ones(len(indices), dtype=np.float64)
+        if self.streams:
+            return self.sample_streams(indices), np.ones(len(indices), dtype=np.float64)
+        assert self.proposal is not None
         z, w = self.proposal.draw(self.request.seed, indices)
         return self.decode(z), w
 
     @torch.no_grad()
-    def sample_diffusion(self, indices: np.ndarray) -> np.ndarray:
-        """Physical windows of draws ``indices`` from a diffusion model: draw k's noise
+    def sample_streams(self, indices: np.ndarray) -> np.ndarray:
+        """Physical windows of draws ``indices`` from a sampling model: draw k's noise
         streams are seeded from (seed, k) alone and batches are padded to exactly
         batch_size rows (padding rows have streams of their own), as for latent models.
         Conditional scenarios keep the observed values where they are known."""
@@ -332,11 +257,12 @@ class Generator:
         out = []
         for a in range(0, len(indices), bs):
             rows = [int(k) for k in indices[a : a + bs]]
-            seeds = [int(_rng(seed, k).integers(2**62)) for k in rows]
-            seeds += [int(_rng(seed, 2**62 + j).integers(2**62)) for j in range(bs - len(rows))]
+            seeds = [int(member_rng(seed, k).integers(2**62)) for k in rows]
+            pads = range(bs - len(rows))
+            seeds += [int(member_rng(seed, 2**62 + j).integers(2**62)) for j in pads]
             gens = [torch.Generator().manual_seed(v) for v in seeds]
             u = self._sample_batch(bs, gens)
-            out.append(packaged._to_physical(u)[: len(rows)])
+            out.append(packaged.to_physical(u)[: len(rows)])
         if not out:
             return np.zeros((0, *self.window), np.float32)
         x = np.concatenate(out)
@@ -347,14 +273,19 @@ class Generator:
         return x
 
     def _sample_batch(self, bs: int, gens: list[torch.Generator]) -> torch.Tensor:
-        """(bs, 1, time, y, x) in the model's [0, 1] input space for the scenario."""
+        """(bs, 1, time, y, x) in the model's input space for the scenario."""
         from cloudburst.models.extension import extend
 
-        net = self.model.packaged.model
+        packaged = self.model.packaged
         s = self.request.scenario
+        if not packaged.plays(ConditionalSampler):
+            # one row at a time, each from its own stream: rows do not depend on each other
+            net = packaged.network(Generative)
+            return torch.cat([net.sample(1, generator=g) for g in gens])
+        sampler = packaged.network(ConditionalSampler)
 
-        def draw(n: int, condition: Any) -> torch.Tensor:
-            return net.sample(
+        def draw(n: int, condition: Condition | None) -> torch.Tensor:
+            return sampler.sample(
                 n,
                 condition=condition,
                 generators=gens,
@@ -362,18 +293,15 @@ class Generator:
                 sampler=self.request.sampler,
             )
 
-        condition = None
-        if self.observed is not None:
-            shape = (bs, 1, *self._known.shape[2:])
-            condition = (self._known.expand(shape), self._mask.expand(shape), self.guidance)
+        condition = self.condition.expand(bs) if self.condition is not None else None
         if s.kind != "extension":
             return draw(bs, condition)
-        frames = self.model.packaged.window[0]
+        frames = packaged.window[0]
         first = draw(bs, condition)
         return extend(
             draw,
             bs,
-            tuple(self.model.packaged.window),
+            tuple(packaged.window),
             self.window[0],
             overlap=context_frames(s, frames),
             guidance=self.guidance,
@@ -452,7 +380,7 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
         if key in stats:
             out[key] = stats[key]
     s = request.scenario
-    if gen.diffusion:
+    if gen.sampler_settings:
         out["steps"] = int(request.steps or model.packaged.config.get("steps", 0))
         out["sampler"] = str(request.sampler or model.packaged.config.get("sampler", ""))
     if s.conditional:
@@ -574,12 +502,12 @@ def _pinned(request: EnsembleRequest, options: dict[str, Any]) -> str | None:
 
     import zarr
 
-    from cloudburst.ensembles.store import _zarr_store
+    from cloudburst.ensembles.store import zarr_store
 
     if not storage.exists(storage.join(request.output, "zarr.json"), options):
         return None
     try:
-        attrs = zarr.open_group(_zarr_store(request.output, options, read_only=True)).attrs
+        attrs = zarr.open_group(zarr_store(request.output, options, read_only=True)).attrs
         asked = json.loads(str(attrs.get("request", "{}")))
     except (OSError, ValueError, KeyError):
         return None
@@ -623,10 +551,10 @@ def regenerate(
     if gen.threshold is not None:
         import zarr
 
-        from cloudburst.ensembles.store import _zarr_store
+        from cloudburst.ensembles.store import zarr_store
 
         options = storage.options_from(request.output, request.storage)
-        group = zarr.open_group(_zarr_store(request.output, options, read_only=True), mode="r")
+        group = zarr.open_group(zarr_store(request.output, options, read_only=True), mode="r")
         idx = np.asarray(group["candidate"].get_coordinate_selection(idx))
         if (idx < 0).any():
             raise EnsembleStoreError("some of these members are not written yet")

@@ -1,68 +1,63 @@
-"""Continuous-time v-prediction diffusion (SPEC §3, paper 001), independent of the network.
+"""Continuous-time v-prediction diffusion of the diffusion study (Herbert, "Diffusion Models
+for Time-Evolving Precipitation Fields"): the model of a window shape, its training loss, its
+config section and its registry entry.
 
-- :class:`AlphaCosineSchedule`: the truncated alpha-cosine schedule; alpha_t, sigma_t and the
-  log signal-to-noise ratio lambda_t for t in [0, 1], lambda in [lambda_min, lambda_max].
-- :func:`v_loss`: the v-prediction training loss of any network ``net(z_t, lambda_t)``.
-- :func:`sample`: the ancestral sampler over T uniform steps, or the deterministic DDIM sampler
-  in the v-parameterisation (``sampler="ddim"``), with optional reconstruction guidance:
-  known values (a boolean mask over the window) are kept by replacing the known part of z_t
-  with a forward sample of them at every step, and the denoised estimate of the unknown part is
-  corrected by - (w_r alpha_t / 2) grad ||known - x^(z_t)||^2 (w_r = 0: plain imputation).
-
-Every coefficient near lambda = +-30 is computed through lambda (expm1), where the plain ratios
-of alphas and sigmas lose their precision.
+The schedule (:mod:`cloudburst.models.schedules`) and the samplers with reconstruction guidance
+(:mod:`cloudburst.models.samplers`) are apart from the network; :class:`DiffusionModel` binds a
+3D U-Net, a schedule and an input transformation (none, sqrt or the learnt monotone one).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-__all__ = [
-    "AlphaCosineSchedule",
-    "DiffusionModel",
-    "ancestral_step",
-    "ddim_step",
-    "denoise",
-    "sample",
-    "v_loss",
-]
+from cloudburst.models import samplers
+from cloudburst.models.registry import ModelFamily
+from cloudburst.models.roles import (
+    Condition,
+    ConditionalSampler,
+    Generative,
+    Trainable,
+    TransformedInput,
+)
+from cloudburst.models.samplers import Network
+from cloudburst.models.schedules import AlphaCosineSchedule, expand
+from cloudburst.schema import Strict
 
-Network = Callable[[Tensor, Tensor], Tensor]
-
-
-class AlphaCosineSchedule:
-    """t in [0, 1] -> psi = (pi / 2)(t0 + t (t1 - t0)); alpha = cos psi, sigma = sin psi,
-    lambda = -2 log tan psi, so lambda(0) = lambda_max and lambda(1) = lambda_min."""
-
-    def __init__(self, lambda_min: float = -30.0, lambda_max: float = 30.0) -> None:
-        if not lambda_min < lambda_max:
-            raise ValueError(f"lambda_min ({lambda_min}) must be below lambda_max ({lambda_max})")
-        self.lambda_min, self.lambda_max = float(lambda_min), float(lambda_max)
-        self.t0 = 2.0 / math.pi * math.atan(math.exp(-self.lambda_max / 2.0))
-        self.t1 = 2.0 / math.pi * math.atan(math.exp(-self.lambda_min / 2.0))
-
-    def psi(self, t: Tensor) -> Tensor:
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return math.pi / 2.0 * (self.t0 + t * (self.t1 - self.t0))
-
-    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        psi = self.psi(t)
-        return torch.cos(psi), torch.sin(psi)
-
-    def log_snr(self, t: Tensor) -> Tensor:
-        """lambda_t = log(alpha^2 / sigma^2) = -2 log tan psi (float64)."""
-        return -2.0 * torch.log(torch.tan(self.psi(t)))
+__all__ = ["DiffusionConfig", "DiffusionModel", "v_loss"]
 
 
-def _expand(v: Tensor, like: Tensor) -> Tensor:
-    """A per-sample coefficient (n,) or scalar, shaped to broadcast over ``like``."""
-    v = v.to(like.dtype).to(like.device)
-    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v
+class DiffusionConfig(Strict):
+    """The v-prediction diffusion model: U-Net size, schedule, input transformation and
+    sampler (``model.kind: diffusion``)."""
+
+    kind: Literal["diffusion"] = "diffusion"
+    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1)
+    blocks: int = Field(1, ge=1, description="residual blocks per U-Net level")
+    embedding: int = Field(64, ge=4, description="width of the lambda embedding")
+    lambda_min: float = -30.0
+    lambda_max: float = 30.0
+    transform: Literal["none", "sqrt", "learnt"] = "learnt"
+    min_gradient: float = Field(0.1, gt=0, description="c of the learnt transformation")
+    masking: tuple[float, float] = (-0.99975, 1.0)
+    steps: int = Field(100, ge=1, description="sampler steps")
+    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    guidance: float = Field(1.0e6, ge=0, description="reconstruction-guidance weight w_r")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionConfig:
+        if not self.lambda_min < self.lambda_max:
+            raise ValueError("lambda_min must be below lambda_max")
+        if not self.masking[0] < self.masking[1]:
+            raise ValueError("masking must be an interval (low, high) with low < high")
+        if any(w < 1 for w in self.widths):
+            raise ValueError("every width must be >= 1")
+        return self
 
 
 def v_loss(
@@ -82,7 +77,7 @@ def v_loss(
     t = torch.rand(n, generator=generator, dtype=torch.float64).to(x.device)
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     alpha, sigma = schedule.alpha_sigma(t)
-    a, s = _expand(alpha, x), _expand(sigma, x)
+    a, s = expand(alpha, x), expand(sigma, x)
     z = a * x + s * eps
     v = a * eps - s * x
     lam = schedule.log_snr(t).to(x.dtype).to(x.device)
@@ -91,123 +86,6 @@ def v_loss(
         return err.flatten(1).mean(1)
     w = weight.to(err.dtype)
     return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1.0)
-
-
-def denoise(z: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """x^ = alpha z - sigma v^ (and eps^ = sigma z + alpha v^)."""
-    return _expand(alpha, z) * z - _expand(sigma, z) * v
-
-
-def ancestral_step(
-    z_t: Tensor,
-    x_hat: Tensor,
-    t: float,
-    s: float,
-    schedule: AlphaCosineSchedule,
-    noise: Tensor | None,
-) -> Tensor:
-    """z_s ~ q(z_s | z_t, x = x^) for s < t; no noise when ``noise`` is None (the mean)."""
-    lam_t, lam_s = schedule.log_snr(torch.tensor(t)), schedule.log_snr(torch.tensor(s))
-    alpha_t, _ = schedule.alpha_sigma(torch.tensor(t))
-    alpha_s, sigma_s = schedule.alpha_sigma(torch.tensor(s))
-    ratio = torch.exp(lam_t - lam_s)  # alpha_t^2 sigma_s^2 / (alpha_s^2 sigma_t^2), in (0, 1]
-    c_z = ratio * alpha_s / alpha_t  # alpha_ts sigma_s^2 / sigma_t^2
-    c_x = -torch.expm1(lam_t - lam_s) * alpha_s  # alpha_s sigma2_ts / sigma_t^2
-    mean = c_z.to(z_t.dtype) * z_t + c_x.to(z_t.dtype) * x_hat
-    if noise is None:
-        return mean
-    std = sigma_s * torch.sqrt(-torch.expm1(lam_t - lam_s))  # sqrt(sigma2_ts) sigma_s / sigma_t
-    return mean + std.to(z_t.dtype) * noise
-
-
-def ddim_step(
-    z_t: Tensor, x_hat: Tensor, t: float, s: float, schedule: AlphaCosineSchedule
-) -> Tensor:
-    """Deterministic step: z_s = alpha_s x^ + sigma_s eps^, eps^ from z_t and x^."""
-    alpha_t, sigma_t = schedule.alpha_sigma(torch.tensor(t))
-    alpha_s, sigma_s = schedule.alpha_sigma(torch.tensor(s))
-    eps = (z_t - alpha_t.to(z_t.dtype) * x_hat) / sigma_t.to(z_t.dtype)
-    return alpha_s.to(z_t.dtype) * x_hat + sigma_s.to(z_t.dtype) * eps
-
-
-def sample(
-    net: Network,
-    shape: tuple[int, ...],
-    schedule: AlphaCosineSchedule,
-    steps: int = 100,
-    *,
-    sampler: Literal["ancestral", "ddim"] = "ancestral",
-    known: Tensor | None = None,
-    mask: Tensor | None = None,
-    guidance: float = 0.0,
-    generator: torch.Generator | None = None,
-    generators: Sequence[torch.Generator] | None = None,
-    device: torch.device | str = "cpu",
-    clip: float | None = 1.0,
-) -> Tensor:
-    """Draw samples of ``shape`` (n, 1, time, y, x) in model space from t = 1 to 0.
-
-    With ``known`` (values in model space) and ``mask`` (True where known), reconstruction
-    guidance of weight ``guidance``: the known part of z_t is replaced by alpha_t known +
-    sigma_t eps before each network call, and the denoised estimate is corrected by
-    -(w_r alpha_t / 2) d/dz ||mask (known - x^(z))||^2. The result keeps the known values.
-    ``generators`` (one per row) draw each row's noise from its own stream, so a row's result
-    does not depend on the others (ensemble members regenerated alone give the same values).
-    ``clip`` bounds the denoised estimate to [-clip, clip] (data live in [-1, 1]). The
-    useful range of ``guidance`` depends on how strongly the network's x^ couples pixels:
-    the correction is a gradient step, and too large a weight overshoots (then clipped).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1 (got {steps})")
-    if (known is None) != (mask is None):
-        raise ValueError("give known values and their mask together")
-    guided = known is not None and guidance > 0
-    if generators is not None and len(generators) != shape[0]:
-        raise ValueError(f"{len(generators)} generators for {shape[0]} rows")
-
-    def noise() -> Tensor:
-        if generators is None:
-            return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]
-        return torch.stack(rows).to(device)
-
-    z = noise()
-    if known is not None:
-        known = known.to(device=device, dtype=z.dtype)
-        mask = mask.to(device=device, dtype=torch.bool)  # type: ignore[union-attr]
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    for i in range(steps):
-        t, s = float(grid[i]), float(grid[i + 1])
-        alpha, sigma = schedule.alpha_sigma(torch.tensor(t))
-        lam = schedule.log_snr(torch.tensor(t)).to(z.dtype)
-        lam = lam.expand(shape[0]).to(device)
-        if known is not None:
-            forward = alpha.to(z.dtype) * known + sigma.to(z.dtype) * noise()
-            z = torch.where(mask, forward, z)  # type: ignore[arg-type]
-        if guided:
-            with torch.enable_grad():
-                zg = z.detach().requires_grad_(True)
-                x_hat = denoise(zg, net(zg, lam), alpha, sigma)
-                err = ((known - x_hat) * mask).pow(2).sum()  # type: ignore[operator]
-                (grad,) = torch.autograd.grad(err, zg)
-            x_hat = x_hat.detach() - guidance * float(alpha) / 2.0 * grad * (~mask)  # type: ignore[operator]
-        else:
-            with torch.no_grad():
-                x_hat = denoise(z, net(z, lam), alpha, sigma)
-        if clip is not None:
-            x_hat = x_hat.clamp(-clip, clip)
-        with torch.no_grad():
-            if sampler == "ddim":
-                z = ddim_step(z, x_hat, t, s, schedule)
-            elif s > 0:
-                z = ancestral_step(z, x_hat, t, s, schedule, noise())
-            else:
-                z = x_hat  # the last step: the denoised estimate
-    if sampler == "ddim":
-        z = x_hat
-    if known is not None:
-        z = torch.where(mask, known, z)  # type: ignore[arg-type]
-    return z.detach()
 
 
 # ------------------------------------------------------------------------------- the model
@@ -221,7 +99,7 @@ class DiffusionModel(torch.nn.Module):
     the monotone h, trained jointly) and samples back to [0, 1], inverting it.
     """
 
-    def __init__(self, cfg: Any, window: tuple[int, int, int]) -> None:
+    def __init__(self, cfg: DiffusionConfig, window: tuple[int, int, int]) -> None:
         super().__init__()
         from cloudburst.models.monotone import MonotoneTransform
         from cloudburst.models.unet3d import UNet3D
@@ -286,34 +164,31 @@ class DiffusionModel(torch.nn.Module):
         self,
         n: int,
         generator: torch.Generator | None = None,
-        condition: Any = None,
+        condition: Condition | None = None,
         *,
+        generators: Sequence[torch.Generator] | None = None,
         steps: int | None = None,
         sampler: str | None = None,
-        generators: Sequence[torch.Generator] | None = None,
     ) -> Tensor:
-        """``n`` windows (n, 1, time, y, x) in [0, 1]; ``condition`` is ``(known, mask,
-        guidance)`` with ``known`` in [0, 1]; ``generators``: one noise stream per window
-        (see :func:`sample`)."""
+        """``n`` windows (n, 1, time, y, x) in [0, 1]; ``condition`` gives known values in
+        [0, 1]; ``generators``: one noise stream per window (see
+        :func:`cloudburst.models.samplers.sample`)."""
         device = next(self.parameters()).device
         shape = (int(n), 1, *self.window)
-        known = mask = None
-        guidance = 0.0
+        inner = None
         if condition is not None:
-            known_u, mask, guidance = condition
             with torch.no_grad():
-                known = self.to_model_space(known_u.to(device))
+                known = self.to_model_space(condition.known.to(device))
+            inner = Condition(known, condition.mask.to(device), condition.guidance)
         was = self.training
         self.eval()
-        y = sample(
+        y = samplers.sample(
             self.net,
             shape,
             self.schedule,
             steps or self.cfg.steps,
             sampler=sampler or self.cfg.sampler,  # type: ignore[arg-type]
-            known=known,
-            mask=mask,
-            guidance=float(guidance),
+            condition=inner,
             generator=generator,
             generators=generators,
             device=device,
@@ -321,3 +196,30 @@ class DiffusionModel(torch.nn.Module):
         self.train(was)
         with torch.no_grad():
             return self.from_model_space(y)
+
+
+# ------------------------------------------------------------------------- registry entry
+
+
+def _no_data_transform(data: Any) -> str | None:
+    if data.scaling != "unit" or data.transform != "none":
+        return (
+            "the diffusion model takes windows scaled to [0, 1] and applies its own "
+            "transformation: keep data.scaling=unit and data.transform=none, and choose "
+            "model.transform (none, sqrt or learnt)"
+        )
+    return None
+
+
+FAMILY = ModelFamily(
+    name="diffusion",
+    config=DiffusionConfig,
+    build=DiffusionModel,
+    roles=frozenset({Trainable, Generative, ConditionalSampler, TransformedInput}),
+    scenarios=frozenset({"unconditional", "interpolation", "forecast", "extension"}),
+    learning_rate=lambda _cfg: 1e-4,
+    tags=lambda cfg: {"transform": cfg.transform, "sampler": cfg.sampler},
+    check_data=_no_data_transform,
+    sampler_settings=True,
+    small={"widths": (4, 8), "embedding": 8, "steps": 4},
+)

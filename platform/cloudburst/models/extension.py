@@ -5,9 +5,10 @@
 - :func:`extend`: autoregressive extension to any length, each new window conditioned on the
   last ``overlap`` frames of what was generated so far.
 
-A ``draw(n, condition)`` callable does the sampling (for a :class:`DiffusionModel`:
-``lambda n, c: model.sample(n, generator, condition=c)``), ``condition`` being
-``(known, mask, guidance)`` in the model's [0, 1] input space.
+A ``draw(n, condition)`` callable does the sampling (for a
+:class:`~cloudburst.models.roles.ConditionalSampler`: ``lambda n, c: model.sample(n, generator,
+condition=c)``), ``condition`` being a :class:`~cloudburst.models.roles.Condition` in the
+model's [0, 1] input space, or None.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from cloudburst.models.roles import Condition
+
 __all__ = ["extend", "forecast_mask", "interpolation_mask"]
 
-Draw = Callable[[int, tuple[Tensor, Tensor, float] | None], Tensor]
+Draw = Callable[[int, Condition | None], Tensor]
 
 
 def forecast_mask(shape: tuple[int, ...], known_frames: int) -> Tensor:
@@ -66,7 +69,7 @@ def extend(
     while total < length:
         known = torch.zeros((n, 1, t, y, x), dtype=first.dtype, device=first.device)
         known[:, :, :overlap] = torch.cat(parts, dim=2)[:, :, -overlap:]
-        new = draw(n, (known, mask.to(first.device), guidance))
+        new = draw(n, Condition(known, mask.to(first.device), guidance))
         parts.append(new[:, :, overlap:])
         total += t - overlap
     return torch.cat(parts, dim=2)[:, :, :length]

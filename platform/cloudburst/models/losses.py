@@ -1,4 +1,5 @@
-"""Reconstruction objectives, latent regularisers and metrics of the quantized-loss VAE (paper 000).
+"""Reconstruction objectives, latent regularisers and metrics of the quantized-loss VAE
+(Szwarcman et al., "Quantizing reconstruction losses for improving weather data synthesis").
 
 Why quantize: precipitation is extremely imbalanced inside every sample (mostly dry pixels, a few
 heavy ones), so a plain pixel MSE is dominated by the frequent near-zero values and the model
@@ -7,7 +8,8 @@ B equal bins on [0, 1] (the sample's own histogram, never the reconstruction's) 
 squared error inside each bin, so a bin holding one heavy-rain pixel weighs as much as the bin
 holding thousands of dry ones.
 
-Notation (SPEC §2): counts_j = |Omega_j|, h_j = counts_j / max_k counts_k, w_j = 1 - h_j.
+Notation (the study's quantized losses): counts_j = |Omega_j|, h_j = counts_j / max_k counts_k,
+w_j = 1 - h_j.
 
 - ``l_rec``      mean_i e_i^2
 - ``l_qt``       sum_{j non-empty} mean_{i in Omega_j} e_i^2
@@ -27,14 +29,17 @@ Pure torch: no Ray, no MLflow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "LOSSES",
     "RECONSTRUCTION_LOSSES",
+    "LossSpec",
     "QuantizedMSE",
     "active_units",
     "bin_index",
@@ -57,9 +62,8 @@ __all__ = [
 
 Reduction = Literal["none", "mean", "sum"]
 
-RECONSTRUCTION_LOSSES: frozenset[str] = frozenset(
-    {"rec", "qt", "wqt", "rec+qt", "rec+wqt", "focal_mse", "focal_hist"}
-)
+# The table of reconstruction objectives is at the end of the module (LOSSES), next to the
+# functions it names; RECONSTRUCTION_LOSSES is its key set.
 
 # --------------------------------------------------------------------------------------------
 # Binning
@@ -225,7 +229,7 @@ def _wqt(b: _Binned) -> Tensor:
 
 def _focal_mse(b: _Binned, lam: float, beta: float, gamma: float) -> Tensor:
     # Paper Eq. 7 as printed: sigmoid(beta |e|) in [0.5, 1). Yang et al.'s code (Focal-R) uses
-    # 2 sigmoid - 1 instead; we follow the paper and SPEC. Invalid pixels have e2 = 0.
+    # 2 sigmoid - 1 instead; we follow the paper. Invalid pixels have e2 = 0.
     modulation = torch.sigmoid(beta * b.e.abs()).pow(gamma)
     return lam * (modulation * b.e2).sum(dim=1) / b.n_valid
 
@@ -335,26 +339,14 @@ def reconstruction_loss(
     ``bins`` is validated for every name (a config typo fails early, not only for binned
     losses); the histogram is built once even for the sums.
     """
-    if name not in RECONSTRUCTION_LOSSES:
-        allowed = ", ".join(sorted(RECONSTRUCTION_LOSSES))
-        raise ValueError(f"unknown reconstruction loss {name!r}; allowed: {allowed}")
+    spec = LOSSES.get(name)
+    if spec is None:
+        raise ValueError(
+            f"unknown reconstruction loss {name!r}; allowed: {', '.join(sorted(LOSSES))}"
+        )
     _check_bins(bins)
-    binned = name in {"qt", "wqt", "rec+qt", "rec+wqt", "focal_hist"}
-    b = _prepare(x, x_hat, mask, bins if binned else None)
-    if name == "rec":
-        loss = _rec(b)
-    elif name == "qt":
-        loss = _qt(b)
-    elif name == "wqt":
-        loss = _wqt(b)
-    elif name == "rec+qt":
-        loss = _rec(b) + _qt(b)
-    elif name == "rec+wqt":
-        loss = _rec(b) + _wqt(b)
-    elif name == "focal_mse":
-        loss = _focal_mse(b, lam, beta, gamma)
-    else:
-        loss = _focal_hist(b, lam, gamma)
+    b = _prepare(x, x_hat, mask, bins if spec.binned else None)
+    loss = spec.fn(b, FocalParams(lam, beta, gamma))
     return _reduce(loss, reduction)
 
 
@@ -393,9 +385,10 @@ def mmd_rbf(
     """MMD^2 with the Gaussian kernel k(a, b) = exp(-|a - b|^2 / bandwidth), as in InfoVAE.
 
     Default bandwidth d^2 (d = latent size) reproduces the InfoVAE reference code
-    (``exp(-mean_d (a - b)^2 / d)``), which paper 000 follows. ``unbiased=False`` gives the
-    biased V-statistic of InfoVAE (diagonals included, always >= 0, exactly 0 for identical
-    sets); ``unbiased=True`` drops the within-set diagonals (U-statistic; can be < 0).
+    (``exp(-mean_d (a - b)^2 / d)``), which the quantized-loss study follows.
+    ``unbiased=False`` gives the biased V-statistic of InfoVAE (diagonals included, always
+    >= 0, exactly 0 for identical sets); ``unbiased=True`` drops the within-set diagonals
+    (U-statistic; can be < 0).
     """
     _check_pair(z, prior_samples)
     prior_samples = prior_samples.to(z.dtype)
@@ -447,8 +440,9 @@ def mmd(
 ) -> Tensor:
     """Scalar MMD^2 between codes z (n, d) and prior draws (m, d); default N(0, I) draws.
 
-    Default: RBF kernel with the InfoVAE bandwidth and the biased estimate, because paper 000
-    regularises "following InfoVAE" and the InfoVAE reference implementation is exactly that.
+    Default: RBF kernel with the InfoVAE bandwidth and the biased estimate, because the
+    quantized-loss study regularises "following InfoVAE" and the InfoVAE reference
+    implementation is exactly that.
     """
     if prior_samples is None:
         prior_samples = torch.randn_like(z)
@@ -570,3 +564,43 @@ class QuantizedMSE:
     def compute(self) -> tuple[Tensor, Tensor]:
         """(mse per bin (B,), count per bin (B,)); NaN mse where the count is 0."""
         return _finish(self.sums, self.counts)
+
+
+# --------------------------------------------------------------------------------------------
+# The table of reconstruction objectives
+# --------------------------------------------------------------------------------------------
+
+
+class FocalParams(NamedTuple):
+    """lambda, beta, gamma of the focal losses (ignored by the others)."""
+
+    lam: float
+    beta: float
+    gamma: float
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A reconstruction objective: ``fn(binned errors, focal params)`` -> (N,) per sample;
+    ``binned``: it needs the sample's histogram; ``learning_rate``: the study's default
+    (5e-5 for the quantized losses, 1e-5 for the others)."""
+
+    fn: Callable[[_Binned, FocalParams], Tensor]
+    binned: bool
+    learning_rate: float
+
+
+LOSSES: dict[str, LossSpec] = {
+    "rec": LossSpec(lambda b, _p: _rec(b), binned=False, learning_rate=1e-5),
+    "qt": LossSpec(lambda b, _p: _qt(b), binned=True, learning_rate=5e-5),
+    "wqt": LossSpec(lambda b, _p: _wqt(b), binned=True, learning_rate=5e-5),
+    "rec+qt": LossSpec(lambda b, _p: _rec(b) + _qt(b), binned=True, learning_rate=5e-5),
+    "rec+wqt": LossSpec(lambda b, _p: _rec(b) + _wqt(b), binned=True, learning_rate=5e-5),
+    "focal_mse": LossSpec(
+        lambda b, p: _focal_mse(b, p.lam, p.beta, p.gamma), binned=False, learning_rate=1e-5
+    ),
+    "focal_hist": LossSpec(
+        lambda b, p: _focal_hist(b, p.lam, p.gamma), binned=True, learning_rate=1e-5
+    ),
+}
+RECONSTRUCTION_LOSSES: frozenset[str] = frozenset(LOSSES)

@@ -1,4 +1,6 @@
-"""The learnt monotone input transformation of the diffusion model (SPEC §3, paper 001).
+"""The learnt monotone input transformation of the diffusion model (Herbert, "Diffusion Models
+for Time-Evolving Precipitation Fields": a monotone MLP with positive weights and a minimum
+gradient, trained jointly with the network).
 
 g(u) = MLP(u) + c u on u in [0, 1] (precipitation divided by its scale), the MLP 1 -> 16 ->
 16 -> 1 with tanh everywhere and every weight (not bias) kept positive (softplus of a free

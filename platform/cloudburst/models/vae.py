@@ -1,4 +1,6 @@
-"""The 3D ResNet VAE of the quantized-loss study (paper 000, Table 1), sized from the window.
+"""The 3D ResNet VAE of the quantized-loss study (Szwarcman et al., "Quantizing reconstruction
+losses for improving weather data synthesis", Table 1), sized from the window, its config
+section and its registry entry.
 
 Encoder: conv(w0) -> res(w0) x2 -> [res stride 2 (w_k) -> res (w_k)] for each further width ->
 flatten -> dense mu, log-variance. Decoder: dense -> reshape -> res(w_last) x3 -> up-units back
@@ -12,15 +14,46 @@ Tensors are (batch, channel, time, y, x); data are scaled to [0, 1] (sigmoid out
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from cloudburst.config import VAEConfig
 from cloudburst.models import losses
+from cloudburst.models.registry import EpochProbe, ModelFamily
+from cloudburst.models.roles import Generative, LatentModel, Reconstructor, Trainable
+from cloudburst.schema import Strict
+
+log = logging.getLogger(__name__)
+
+LossName = Literal[tuple(losses.LOSSES)]  # type: ignore[valid-type]
+
+
+class VAEConfig(Strict):
+    """The quantized-loss VAE: network size, objective and regulariser (``model.kind: vae``)."""
+
+    kind: Literal["vae"] = "vae"
+    widths: tuple[int, ...] = Field((64, 128, 256), min_length=2)
+    latent: int = Field(30, ge=1)
+    loss: LossName = "rec+wqt"
+    bins: int = Field(100, ge=2)
+    focal_lambda: float = Field(100.0, gt=0)
+    focal_beta: float = Field(0.2, gt=0)
+    focal_gamma: float = Field(1.0, ge=0)
+    regulariser: Literal["mmd", "kl"] = "mmd"
+    reg_weight: float = Field(1.0, ge=0)
+    rec_weight: float = Field(1.0, gt=0, description="lambda of the fair control lambda * L_rec")
+
+    @field_validator("widths")
+    @classmethod
+    def _positive_widths(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(w < 1 for w in v):
+            raise ValueError("every width must be >= 1")
+        return v
 
 
 class ResUnit(nn.Module):
@@ -90,7 +123,11 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*dec)
         self.head = nn.Conv3d(cur, 1, 3, padding=1)
 
-    # ------------------------------------------------------------------ the three interfaces
+    @property
+    def latent_size(self) -> int:
+        return int(self.cfg.latent)
+
+    # ------------------------------------------------------------------ the roles
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x).flatten(1)
@@ -111,12 +148,8 @@ class VAE(nn.Module):
         """Decode the posterior mean: the deterministic reconstruction."""
         return self.decode(self.encode(x)[0])
 
-    def sample(
-        self, n: int, generator: torch.Generator | None = None, condition: Any = None
-    ) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decode ``n`` draws of z ~ N(0, I)."""
-        if condition is not None:
-            raise ValueError("the VAE generates unconditionally; it takes no condition")
         device = next(self.parameters()).device
         z = torch.randn(n, self.cfg.latent, generator=generator, device="cpu").to(device)
         return self.decode(z)
@@ -154,3 +187,48 @@ class VAE(nn.Module):
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- registry entry
+
+
+def _epoch_metrics(network: nn.Module, probe: EpochProbe) -> dict[str, float]:
+    """Reconstruction scores in physical units on the probe windows (``val_`` metrics)."""
+    from cloudburst.models.scoring import reconstruction_scores
+
+    scores = reconstruction_scores(
+        network, probe.x, probe.mask, probe.transform, probe.edges, prefix="val_"
+    )
+    return scores.metrics
+
+
+def _collapse_warning(cfg: VAEConfig, report: dict[str, float]) -> str | None:
+    """Posterior collapse, said as soon as an epoch shows it (fewer than 10% units active)."""
+    active = int(report.get("val_active_units", cfg.latent))
+    if active >= max(1, cfg.latent // 10):
+        return None
+    reg = cfg.regulariser
+    return (
+        f"posterior collapse: {active} of {cfg.latent} latent units active; the code carries "
+        "almost no information. Lower model.reg_weight or raise model.rec_weight "
+        f"(regulariser {reg} = {report.get('val_' + reg, 0.0):.3g})."
+    )
+
+
+FAMILY = ModelFamily(
+    name="vae",
+    config=VAEConfig,
+    build=VAE,
+    roles=frozenset({Trainable, Generative, LatentModel, Reconstructor}),
+    scenarios=frozenset({"unconditional", "extreme"}),
+    learning_rate=lambda cfg: losses.LOSSES[cfg.loss].learning_rate,
+    tags=lambda cfg: {
+        "loss": cfg.loss,
+        "bins": cfg.bins,
+        "regulariser": cfg.regulariser,
+        "latent": cfg.latent,
+    },
+    epoch_metrics=_epoch_metrics,
+    epoch_warning=_collapse_warning,
+    small={"widths": (4, 8), "latent": 4},
+)

@@ -367,7 +367,7 @@ class EnsembleAPI:
 
     @api.post("/v1/ensembles", status_code=202)
     async def submit(self, request: Request) -> Any:
-        from cloudburst.ensembles.generate import EnsembleError, check_request, pin_version
+        from cloudburst.ensembles.generate import EnsembleError, check_request
         from cloudburst.ensembles.request import EnsembleRequest
 
         await self._recover()
@@ -389,9 +389,9 @@ class EnsembleAPI:
                 raise ApiError(429, f"{len(self.tasks)} jobs in flight; retry later")
             try:
                 version_uri, _, tags = await asyncio.to_thread(
-                    pin_version, req.model, self.tracking_uri
+                    tracking.pin_version, req.model, self.tracking_uri
                 )
-            except EnsembleError as exc:
+            except tracking.TrackingError as exc:
                 raise ApiError(404, str(exc)) from None
             try:
                 await asyncio.to_thread(check_request, req, tags, req.model)

@@ -1,21 +1,24 @@
-"""A whole training job: pre-flight, Ray Train, MLflow run, registration, evaluation.
+"""A whole training job: pre-flight, Ray Train, MLflow run, registration.
 
-``jobs/train.py`` and the demo call :func:`run_training`; everything that can fail on a bad
-config fails in :func:`check` before a worker starts.
+``jobs/train.py`` and the demo call :func:`run_training` (through
+``cloudburst.evaluation.report.train_and_evaluate``, which adds the post-training evaluation);
+everything that can fail on a bad config fails in :func:`check` before a worker starts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.ingest import open_store
 from cloudburst.data.transforms import for_data
-from cloudburst.evaluation.report import log_evaluation
+from cloudburst.models.package import PrecipitationModel
 from cloudburst.training import ray_train
+
+log = logging.getLogger(__name__)
 
 PREFLIGHT_ERRORS = (ValueError, RuntimeError, storage.StorageError)
 
@@ -25,7 +28,8 @@ class TrainingOutcome:
     model_uri: str
     version: str
     run_id: str
-    metrics: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    packaged: PrecipitationModel | None = None
 
 
 def check(cfg: TrainJobConfig) -> tuple[TrainJobConfig, dict[str, int], str]:
@@ -69,7 +73,10 @@ def start_local_ray(preferred_port: int = 8265) -> None:
 
 
 def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
-    """Train ``cfg`` (already through :func:`check`) and register the best checkpoint."""
+    """Train ``cfg`` (already through :func:`check`) and register the best checkpoint.
+
+    The outcome carries the packaged model; its run has ended (log more to ``run_id``).
+    """
     import mlflow
     import ray
 
@@ -82,7 +89,6 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers
-    metrics: dict[str, float] = {}
     with mlflow.start_run(run_name=cfg.run.name) as run:
         tracking.log_config(cfg)
         mlflow.log_params(
@@ -104,10 +110,10 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             storage.options_from(cfg.data.store, cfg.storage),
         )
         window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
-        packaged = tracking.PrecipitationModel(
+        packaged = PrecipitationModel(
             model,
+            cfg.model.kind,
             cfg.model,
-            cfg.model_section(),
             window,
             for_data(stats, cfg.data.scaling, cfg.data.transform),
             stats,
@@ -116,22 +122,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             packaged,
             name=cfg.run.registered_model,
             run_id=run.info.run_id,
-            tags={
-                "dataset": cfg.data.store,
-                "window": "x".join(map(str, window)),
-                **(
-                    {"transform": cfg.diffusion.transform, "sampler": cfg.diffusion.sampler}
-                    if cfg.model == "diffusion"
-                    else {"loss": cfg.vae.loss, "bins": cfg.vae.bins}
-                ),
-            },
+            tags={"dataset": cfg.data.store},
             experiment=cfg.run.experiment,
         )
-        try:
-            metrics = log_evaluation(cfg, packaged, run.info.run_id)
-        except Exception as exc:  # noqa: BLE001 - the model is registered; report, do not fail
-            print(f"train: warning: evaluation failed: {exc!r}", file=sys.stderr)
-        else:
-            top = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "_top" in k)
-            print(f"train: evaluation figures and quantized MSE logged ({top or 'no bins'})")
-    return TrainingOutcome(model_uri, str(version), run.info.run_id, metrics)
+    return TrainingOutcome(model_uri, str(version), run.info.run_id, packaged=packaged)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,15 +19,17 @@ from typing import Any
 
 import torch
 
-from cloudburst import storage
+from cloudburst import compat, storage
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
 from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
-from cloudburst.evaluation.report import reconstruction_scores
 from cloudburst.models import registry
+from cloudburst.models.registry import EpochProbe
 from cloudburst.training.loop import EarlyStopping, LossModule, MeanMetrics, evaluate, train_steps
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
 PROBE_WINDOWS = 512  # validation windows per rank scored in physical units every epoch
@@ -50,6 +53,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    registry.load_plugins(config.get("model_modules", ()))  # the driver's model families
     cfg = TrainJobConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -70,7 +74,8 @@ def train_worker(config: dict[str, Any]) -> None:
         cfg.data.store, val_idx if len(val_idx) else train_idx, shuffle=False, **common
     )
 
-    model = registry.build(cfg.model, cfg.model_section(), train_idx.shape)
+    family = cfg.family
+    model = registry.build(family.name, cfg.model, train_idx.shape)
     step_module = ray.train.torch.prepare_model(LossModule(model))
     core = model.to(device)
     optimizer = torch.optim.Adam(core.parameters(), lr=cfg.learning_rate(), betas=cfg.train.betas)
@@ -90,7 +95,10 @@ def train_worker(config: dict[str, Any]) -> None:
     mixed = cfg.train.mixed_precision and device.type == "cuda"
     if rank == 0 and config.get("mlflow_run_id"):
         _log_worker_params(config, ctx.get_world_size(), device, mixed)
-    probe_x, probe_mask = _probe_windows(val_ds, PROBE_WINDOWS)
+    probe = None
+    if family.epoch_metrics is not None:
+        probe_x, probe_mask = _probe_windows(val_ds, PROBE_WINDOWS)
+        probe = EpochProbe(probe_x, probe_mask, transform, stats.histogram_edges)
     with _system_metrics(config if rank == 0 else {}):
         for epoch in range(start_epoch, cfg.train.epochs):
             train_ds.set_epoch(epoch)
@@ -121,14 +129,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 {**mean.compute("train_"), **{f"val_{k}": v for k, v in val.items()}}, device
             )
             report["epoch"] = epoch
-            if hasattr(core, "encode"):
-                # reconstruction scores in physical units on this rank's fixed probe windows
-                scores = reconstruction_scores(
-                    core, probe_x, probe_mask, transform, stats.histogram_edges, prefix="val_"
-                ).metrics
-                report.update(scores)
-                if rank == 0:
-                    _warn_on_collapse(cfg, report, epoch)
+            if family.epoch_metrics is not None and probe is not None:
+                # the family's own scores on this rank's fixed probe windows
+                report.update(family.epoch_metrics(core, probe))
+            if rank == 0 and family.epoch_warning is not None:
+                warning = family.epoch_warning(cfg.model, report)
+                if warning:
+                    log.warning("epoch %d: %s", epoch, warning)
             stop = stopper.step(report["val_loss"])
             report["best_val_loss"] = stopper.best
             if rank == 0 and config.get("mlflow_run_id"):
@@ -141,20 +148,6 @@ def train_worker(config: dict[str, Any]) -> None:
                 ray.train.report(report, checkpoint=ckpt)
             if stop:
                 break
-
-
-def _warn_on_collapse(cfg: TrainJobConfig, report: dict[str, float], epoch: int) -> None:
-    """Posterior collapse, said as soon as an epoch shows it (fewer than 10% units active)."""
-    active = int(report["val_active_units"])
-    if active >= max(1, cfg.vae.latent // 10):
-        return
-    reg = cfg.vae.regulariser
-    print(
-        f"warning: posterior collapse at epoch {epoch}: {active} of {cfg.vae.latent} latent "
-        "units active; the code carries almost no information. Lower vae.reg_weight or raise "
-        f"vae.rec_weight (regulariser {reg} = {report.get('val_' + reg, 0.0):.3g}).",
-        flush=True,
-    )
 
 
 def _write_checkpoint(
@@ -217,27 +210,13 @@ def _system_metrics(config: dict[str, Any]) -> Iterator[None]:
             monitor = SystemMetricsMonitor(run_id, sampling_interval=float(interval))
             monitor.start()
         except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
-            print(f"warning: system metrics not logged: {exc!r}", flush=True)
+            log.warning("system metrics not logged: %r", exc)
             monitor = None
     try:
         yield
     finally:
         if monitor is not None:
-            _finish_monitor(monitor)
-
-
-def _finish_monitor(monitor: Any) -> None:
-    """Stop the sampler, record one last sample (a run shorter than one interval still gets
-    its point) and flush. Never raises."""
-    try:
-        monitor._shutdown_event.set()
-        if monitor._process is not None:
-            monitor._process.join()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-    except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
-        print(f"warning: last system metrics sample not logged: {exc!r}", flush=True)
-    monitor.finish()
+            compat.finish_system_monitor(monitor)
 
 
 def preflight(cfg: TrainJobConfig) -> dict[str, int]:
@@ -311,6 +290,7 @@ def make_trainer(
         train_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
+            "model_modules": registry.plugin_modules(),
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "system_metrics_interval": cfg.run.system_metrics_interval,
@@ -340,6 +320,6 @@ def load_checkpoint_model(cfg: TrainJobConfig, checkpoint: Any) -> torch.nn.Modu
             os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=False
         )
     window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
-    model = registry.build(cfg.model, cfg.model_section(), window)
+    model = registry.build(cfg.model.kind, cfg.model, window)
     model.load_state_dict(state["model"])
     return model.eval()

@@ -1,4 +1,7 @@
-"""Science check: none vs sqrt vs learnt input transformation of the diffusion model (paper 001).
+"""Science check: none vs sqrt vs learnt input transformation of the diffusion model.
+
+A check of the diffusion study (Herbert, Diffusion Models for Time-Evolving Precipitation
+Fields) on this platform.
 
     .venv/bin/python benchmarks/diffusion_transforms.py [--config CONFIG]
         [--transforms none sqrt learnt] [--samples 16] [--skip-training] [KEY=VALUE ...]
@@ -11,7 +14,7 @@ MLflow, registry: run names ``<run.name>-<transform>``, registered models
 ``cloudburst.evaluation.evaluate`` against the store's windows on the same axes (intensity
 histograms with the low end, spatial and temporal PSD, QQ) and prints: the share of pixels in
 the low end (0, 1] against the observed share, the mean |log10| PSD error (spatial and
-temporal), the mean and the 0.99 quantile. The paper: sqrt removes low-end noise, learnt
+temporal), the mean and the 0.99 quantile. The diffusion study: sqrt removes low-end noise, learnt
 narrows the power deficit. Ingest first: ``python jobs/ingest.py --config
 jobs/configs/radolan.yaml``. The figures and metrics.json go to outputs/evaluation/<run.name>
 and to an MLflow run. Cost on 2 CPU cores with the default config: about 10 minutes of
@@ -27,7 +30,8 @@ from _common import ROOT  # before cloudburst: package path, quiet defaults
 from cloudburst import tracking
 from cloudburst.config import TrainJobConfig, load_config
 from cloudburst.evaluation.evaluate import EvaluationRequest, evaluate
-from cloudburst.training.job import check, run_training
+from cloudburst.evaluation.report import train_and_evaluate
+from cloudburst.training.job import check
 
 ROWS = (
     ("low-end share (0, 1]", "low_end_fraction"),
@@ -53,7 +57,7 @@ def main() -> int:
     uris = []
     for kind in args.transforms:
         extra = [
-            f"diffusion.transform={kind}",
+            f"model.transform={kind}",
             f"run.name={base.run.name}-{kind}",
             f"run.registered_model={base.run.registered_model}-{kind}",
         ]
@@ -61,7 +65,7 @@ def main() -> int:
         cfg, sizes, uri = check(cfg)
         if not args.skip_training:
             print(f"== {kind}: training {cfg.run.name}", flush=True)
-            run_training(cfg, sizes, uri)
+            train_and_evaluate(cfg, sizes, uri)
         uris.append(f"models:/{cfg.run.registered_model}@candidate")
 
     tracking_uri = tracking.setup(base.run.tracking_uri, "cloudburst-evaluation")

@@ -43,6 +43,7 @@ from cloudburst.data.transforms import Scale
 from cloudburst.ensembles.generate import generate, resolve
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.models import registry
+from cloudburst.models.package import PrecipitationModel
 
 WINDOW = (8, 12, 12)
 BATCH, CHUNK = 256, 1024
@@ -55,7 +56,7 @@ def register(workdir: Path) -> str:
     cfg = VAEConfig(widths=(8, 16, 32), latent=16)
     net = registry.build("vae", cfg, WINDOW)
     stats = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 16.4}}
-    packaged = tracking.PrecipitationModel(net, "vae", cfg, WINDOW, Scale(0.0, 60.0, "unit"), stats)
+    packaged = PrecipitationModel(net, "vae", cfg, WINDOW, Scale(0.0, 60.0, "unit"), stats)
     tracking.log_and_register(packaged, name="bench-vae", tags={}, tracking_uri=uri)
     return uri
 

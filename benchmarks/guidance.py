@@ -1,4 +1,7 @@
-"""Reconstruction guidance: how the weight w_r shapes interpolations and forecasts (paper 001).
+"""Reconstruction guidance: how the weight w_r shapes interpolations and forecasts.
+
+A check of the diffusion study (Herbert, Diffusion Models for Time-Evolving Precipitation
+Fields) on this platform.
 
     .venv/bin/python benchmarks/guidance.py [--model models:/NAME@ALIAS]
         [--data outputs/radolan/precip.zarr] [--weights 0 1 100 1e6]
@@ -17,8 +20,8 @@ generated frames with the withheld truth:
 
 Each row is also given as a ratio to w_r = 0 (imputation), and the MAE of a deterministic
 baseline (linear interpolation between the known steps, or persistence of the last known step)
-is printed beside (a deterministic forecast's CRPS is its MAE). The study found w_r = 1e6 needed
-for good interpolation on its trained network. Train a model first, e.g. ``python
+is printed beside (a deterministic forecast's CRPS is its MAE). The diffusion study found w_r =
+1e6 needed for good interpolation on its trained network. Train a model first, e.g. ``python
 benchmarks/diffusion_transforms.py``.
 """
 

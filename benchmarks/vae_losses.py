@@ -1,4 +1,7 @@
-"""Science check: does the quantized loss reconstruct heavy rain better? (paper 000, Table 3)
+"""Science check: does the quantized loss reconstruct heavy rain better?
+
+Table 3 of the quantized-loss study (Szwarcman et al., Quantizing reconstruction losses for
+improving weather data synthesis), checked on this platform.
 
     .venv/bin/python benchmarks/vae_losses.py [--config jobs/configs/vae-fraser.yaml]
         [--variants rec rec+wqt rec@100] [--limit 12000] [--skip-training] [KEY=VALUE ...]
@@ -31,12 +34,9 @@ from cloudburst import tracking
 from cloudburst.config import TrainJobConfig, load_config
 from cloudburst.data.ingest import StoreStats
 from cloudburst.evaluation import figures
-from cloudburst.evaluation.report import (
-    Reconstruction,
-    evaluation_windows,
-    reconstruction_scores,
-)
-from cloudburst.training.job import check, run_training
+from cloudburst.evaluation.report import evaluation_windows, train_and_evaluate
+from cloudburst.models.scoring import Reconstruction, reconstruction_scores
+from cloudburst.training.job import check
 
 DEFAULT_VARIANTS = ("rec", "rec+wqt", "rec@100")
 
@@ -45,8 +45,8 @@ def variant_overrides(variant: str, cfg: TrainJobConfig) -> list[str]:
     loss, _, weight = variant.partition("@")
     slug = variant.replace("+", "-").replace("@", "-w")
     out = [
-        f"vae.loss={loss}",
-        f"vae.rec_weight={weight or 1}",
+        f"model.loss={loss}",
+        f"model.rec_weight={weight or 1}",
         f"run.name={cfg.run.name}-{slug}",
         f"run.registered_model={cfg.run.registered_model}-{slug}",
     ]
@@ -85,7 +85,7 @@ def main() -> int:
             model_uri = f"models:/{cfg.run.registered_model}@candidate"
         else:
             print(f"== {variant}: training {cfg.run.name}", flush=True)
-            model_uri = run_training(cfg, sizes, uri).model_uri
+            model_uri = train_and_evaluate(cfg, sizes, uri).model_uri
         rec, stats = score(model_uri, cfg, args.limit)
         metrics = rec.metrics
         results[variant] = metrics

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import load_job_config
+from _common import load_job_config, setup_logging
 from cloudburst.config import DatasetJobConfig, TrainJobConfig, load_config
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
@@ -29,6 +29,7 @@ ENSEMBLE_MEMBERS = 256
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     do_train = "--no-train" not in argv
     argv = [a for a in argv if a != "--no-train"]
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         f"scaled range [{lo:.2f}, {hi:.2f}]"
     )
     if do_train:
-        from cloudburst.training.job import check, run_training
+        from cloudburst.evaluation.report import train_and_evaluate
+        from cloudburst.training.job import check
 
         tcfg = load_config(TrainJobConfig, VAE_DEMO).model_copy(update={"data": cfg.data})
         tcfg, sizes, uri = check(tcfg)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[4/{steps}] training a small VAE on Ray ({tcfg.train.epochs} epochs of at most "
             f"{tcfg.train.max_steps_per_epoch} steps); tracking {uri}"
         )
-        outcome = run_training(tcfg, sizes, uri)
+        outcome = train_and_evaluate(tcfg, sizes, uri)
         print(f"      model: {outcome.model_uri} (alias candidate), run {outcome.run_id}")
         print(
             "      look at:  .venv/bin/cloudburst models list\n"

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import sys
 
-from _common import load_job_config
+from _common import load_job_config, setup_logging
 from cloudburst.config import TrainJobConfig
-from cloudburst.training.job import PREFLIGHT_ERRORS, check, run_training
+from cloudburst.evaluation.report import train_and_evaluate
+from cloudburst.training.job import PREFLIGHT_ERRORS, check
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     cfg = load_job_config(TrainJobConfig, argv, __doc__.splitlines()[0])
     try:
         cfg, sizes, uri = check(cfg)
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train: {sizes['train_windows']} train / {sizes['val_windows']} val windows; "
         f"tracking {uri}"
     )
-    outcome = run_training(cfg, sizes, uri)
+    outcome = train_and_evaluate(cfg, sizes, uri)
     print(f"model: {outcome.model_uri}")
     print(f"run: {outcome.run_id}")
     return 0

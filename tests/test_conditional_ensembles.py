@@ -24,6 +24,7 @@ from cloudburst.ensembles.generate import (
     regenerate,
 )
 from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.models.package import PrecipitationModel
 
 WINDOW = (4, 8, 8)
 START = "2001-01-03T00:00"  # the store's third day
@@ -50,7 +51,7 @@ def diffusion(store: str, transform: str = "learnt") -> ResolvedModel:
     torch.manual_seed(0)
     cfg = DiffusionConfig(widths=(8, 16), embedding=16, transform=transform, steps=6)
     net = registry.build("diffusion", cfg, WINDOW)
-    packaged = tracking.PrecipitationModel(
+    packaged = PrecipitationModel(
         net, "diffusion", cfg, WINDOW, Scale(0.0, stats.max, "unit"), stats
     )
     return ResolvedModel(packaged, "models:/d/1", "models:/d/1", None)
@@ -173,12 +174,12 @@ def test_scenarios_a_model_cannot_serve_are_refused(store, model, tmp_path):
 
     vae = ResolvedModel(tiny_model(), "models:/v/1", "models:/v/1", None)
     request = ask(store, str(tmp_path / "x.zarr"), kind="forecast")
-    with pytest.raises(EnsembleError, match="needs a diffusion model"):
+    with pytest.raises(EnsembleError, match="forecast is served by diffusion models"):
         generate(request, model=vae)
-    with pytest.raises(EnsembleError, match="needs a diffusion model"):
+    with pytest.raises(EnsembleError, match="forecast is served by diffusion models"):
         check_request(request, tracking.default_tags(vae.packaged), request.model)
     steps = EnsembleRequest.model_validate({**request.model_dump(), "scenario": {}, "steps": 5})
-    with pytest.raises(EnsembleError, match="apply to diffusion models"):
+    with pytest.raises(EnsembleError, match="apply to models with an iterative sampler"):
         generate(steps, model=vae)
     extreme = EnsembleRequest.model_validate({**steps.model_dump(), "steps": None})
     extreme.scenario.kind = "extreme"

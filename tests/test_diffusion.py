@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cloudburst.models.diffusion import (
-    AlphaCosineSchedule,
-    ancestral_step,
-    denoise,
-    sample,
-    v_loss,
-)
+from cloudburst.models.diffusion import v_loss
 from cloudburst.models.monotone import MonotoneTransform
+from cloudburst.models.package import PrecipitationModel
+from cloudburst.models.roles import Condition
+from cloudburst.models.samplers import ancestral_step, denoise, sample
+from cloudburst.models.schedules import AlphaCosineSchedule
 from cloudburst.models.unet3d import UNet3D
 
 S = AlphaCosineSchedule()
@@ -146,9 +144,7 @@ def test_reconstruction_guidance_makes_the_unknown_part_agree_with_the_known():
             shape,
             S,
             50,
-            known=known,
-            mask=mask,
-            guidance=w,
+            condition=Condition(known, mask, w),
             generator=torch.Generator().manual_seed(4),
         )
         assert torch.equal(out[mask], known[mask])  # the known frames are kept
@@ -161,8 +157,15 @@ def test_reconstruction_guidance_makes_the_unknown_part_agree_with_the_known():
 def test_sample_refuses_bad_arguments():
     with pytest.raises(ValueError, match="steps"):
         sample(oracle_gaussian(1.0), (1, 1, 1, 2, 2), S, 0)
-    with pytest.raises(ValueError, match="together"):
-        sample(oracle_gaussian(1.0), (1, 1, 1, 2, 2), S, 2, known=torch.zeros(1, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        Condition(torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="guidance must be finite"):
+        Condition(torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 2, 2).bool(), float("nan"))
+    with pytest.raises(ValueError, match="the condition is"):
+        zeros = torch.zeros(2, 1, 1, 2, 2)
+        sample(oracle_gaussian(1.0), (1, 1, 1, 2, 2), S, 2, condition=Condition(zeros, zeros > 0))
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(oracle_gaussian(1.0), (1, 1, 1, 2, 2), S, 2, sampler="euler")
 
 
 # ----------------------------------------------------------------------- network and loss
@@ -299,16 +302,15 @@ def test_a_few_training_steps_reduce_the_loss(transform):
 
 @pytest.mark.parametrize("transform", ["sqrt", "learnt"])
 def test_packaged_samples_are_physical_and_survive_a_save_and_load(transform, tmp_path):
-    from cloudburst import tracking
     from cloudburst.data.transforms import Scale
 
     model, cfg = small_model(transform)
     stats = {"units": "mm/h", "max": 40.0}
-    packaged = tracking.PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
+    packaged = PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
     out = packaged.sample(3, seed=7)
     assert out.shape == (3, *WINDOW) and out.dtype == np.float32
     assert np.isfinite(out).all() and (out >= 0).all() and (out <= 40.0 + 1e-4).all()
-    again = tracking.PrecipitationModel.load(packaged.save(tmp_path / "m"))
+    again = PrecipitationModel.load(packaged.save(tmp_path / "m"))
     assert np.array_equal(again.sample(3, seed=7), out)
 
 
@@ -318,7 +320,7 @@ def test_conditioning_keeps_the_known_frames_through_the_learnt_inverse():
     known = rainy(2, g)
     mask = torch.zeros_like(known, dtype=torch.bool)
     mask[:, :, :2] = True  # the first two hours given: a forecast of the next two
-    out = model.sample(2, torch.Generator().manual_seed(3), condition=(known, mask, 1.0))
+    out = model.sample(2, torch.Generator().manual_seed(3), condition=Condition(known, mask, 1.0))
     assert out.shape == known.shape
     assert (out[mask] - known[mask]).abs().max() < 2e-6  # the inverse is exact to 1e-6
 
@@ -326,21 +328,23 @@ def test_conditioning_keeps_the_known_frames_through_the_learnt_inverse():
 def test_a_diffusion_job_config_checks_its_inputs():
     from cloudburst.config import ConfigError, TrainJobConfig, load_config
 
-    cfg = load_config(TrainJobConfig, overrides=["model=diffusion"])
-    assert cfg.model_section() is cfg.diffusion and cfg.learning_rate() == 1e-4
+    cfg = load_config(TrainJobConfig, overrides=["model.kind=diffusion"])
+    assert cfg.model.kind == "diffusion" and cfg.learning_rate() == 1e-4
     with pytest.raises(ConfigError, match="data.scaling=unit"):
-        load_config(TrainJobConfig, overrides=["model=diffusion", "data.scaling=symmetric"])
+        load_config(TrainJobConfig, overrides=["model.kind=diffusion", "data.scaling=symmetric"])
     with pytest.raises(ConfigError, match="lambda_min must be below"):
-        load_config(TrainJobConfig, overrides=["diffusion.lambda_min=40"])
+        load_config(TrainJobConfig, overrides=["model.kind=diffusion", "model.lambda_min=40"])
+    # the earlier spelling (model: NAME and a section NAME:) still reads the same
+    legacy = load_config(TrainJobConfig, overrides=["model=diffusion", "diffusion.steps=7"])
+    assert legacy.model.kind == "diffusion" and legacy.model.steps == 7
 
 
 def test_a_packaged_diffusion_model_fills_missing_values_and_keeps_the_rest():
-    from cloudburst import tracking
     from cloudburst.data.transforms import Scale
 
     model, cfg = small_model("sqrt")
     stats = {"units": "mm/h", "max": 40.0}
-    packaged = tracking.PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
+    packaged = PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
     x = rainy(2, torch.Generator().manual_seed(4))[:, 0].numpy() * 40.0
     assert np.array_equal(packaged.reconstruct(x), x)  # nothing missing: nothing to do
     holed = x.copy()
@@ -377,15 +381,12 @@ def test_extension_reaches_any_length_without_jumps_at_the_seams():
         def draw(n, condition):
             if condition is None:
                 return sample(oracle_constant_window(), shape, S, 40, generator=gen)
-            known, mask, _ = condition
             return sample(
                 oracle_constant_window(),
                 shape,
                 S,
                 40,
-                known=known,
-                mask=mask,
-                guidance=guidance_scale,
+                condition=Condition(condition.known, condition.mask, guidance_scale),
                 generator=gen,
             )
 
@@ -424,14 +425,13 @@ def test_a_diffusion_model_extends_its_windows():
 def test_a_diffusion_ensemble_is_written_and_any_member_regenerates_alone(tmp_path):
     import xarray as xr
 
-    from cloudburst import tracking
     from cloudburst.data.transforms import Scale
     from cloudburst.ensembles.generate import EnsembleError, ResolvedModel, generate, regenerate
     from cloudburst.ensembles.request import EnsembleRequest
 
     model, cfg = small_model("learnt")
     stats = {"units": "mm/h", "max": 40.0, "quantiles": {"0.99": 10.0}}
-    packaged = tracking.PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
+    packaged = PrecipitationModel(model, "diffusion", cfg, WINDOW, Scale(0, 40.0), stats)
     resolved = ResolvedModel(packaged, "models:/d/1", "models:/d/1", None)
     ask = {"model": "models:/d/1", "members": 10, "seed": 5, "output": str(tmp_path / "e.zarr")}
     request = EnsembleRequest.model_validate({**ask, "batch_size": 4, "chunk_members": 4})

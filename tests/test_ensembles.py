@@ -30,6 +30,7 @@ from cloudburst.ensembles.generate import (
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStoreError, member_chunks, read_marker
 from cloudburst.models import registry
+from cloudburst.models.package import PrecipitationModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -38,11 +39,11 @@ WINDOW = (4, 8, 8)
 STATS = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 20.0, "0.999": 45.0}}
 
 
-def tiny(seed: int = 0) -> tracking.PrecipitationModel:
+def tiny(seed: int = 0) -> PrecipitationModel:
     torch.manual_seed(seed)
     cfg = VAEConfig(widths=(4, 8), latent=4)
     net = registry.build("vae", cfg, WINDOW)
-    return tracking.PrecipitationModel(net, "vae", cfg, WINDOW, Scale(0.0, 60.0, "unit"), STATS)
+    return PrecipitationModel(net, "vae", cfg, WINDOW, Scale(0.0, 60.0, "unit"), STATS)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from cloudburst.data.ingest import open_store  # noqa: E402
 from cloudburst.data.synthetic import write_synthetic  # noqa: E402
 from cloudburst.data.transforms import for_data  # noqa: E402
 from cloudburst.evaluation import figures, report  # noqa: E402
-from cloudburst.models import registry  # noqa: E402
+from cloudburst.models import registry, scoring  # noqa: E402
+from cloudburst.models.package import PrecipitationModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -130,7 +131,7 @@ def test_quantized_mse_plot_skips_empty_bins(tmp_path):
 def test_qmse_metrics_top_bins():
     mse = torch.tensor([1.0, float("nan"), 2.0, 3.0, 4.0, 5.0, 6.0, float("nan")])
     counts = torch.tensor([9, 0, 5, 4, 3, 2, 1, 0])
-    out = report.qmse_metrics(mse, counts)
+    out = scoring.qmse_metrics(mse, counts)
     assert sorted(k for k in out if "bin" in k) == [f"val_qmse_bin_{j}" for j in (0, 2, 3, 4, 5, 6)]
     assert out["val_qmse_top5"] == pytest.approx(4.0)
     assert out["val_qmse_top10"] == pytest.approx(3.5)
@@ -142,14 +143,14 @@ def test_log_evaluation_logs_figures_and_metrics(tmp_path, mlflow_state):
     cfg = TrainJobConfig.model_validate(
         {
             "data": {"store": store, "windows": {"length": 4, "size": 8, "stride": 4}},
-            "vae": VAEConfig(widths=(4, 8), latent=3).model_dump(),
+            "model": VAEConfig(widths=(4, 8), latent=3).model_dump(),
         }
     )
     _, stats = open_store(store)
     torch.manual_seed(0)
-    model = registry.build("vae", cfg.vae, (4, 8, 8))
-    packaged = tracking.PrecipitationModel(
-        model, "vae", cfg.vae, (4, 8, 8), for_data(stats, "unit"), stats
+    model = registry.build("vae", cfg.model, (4, 8, 8))
+    packaged = PrecipitationModel(
+        model, "vae", cfg.model, (4, 8, 8), for_data(stats, "unit"), stats
     )
     tracking.setup(f"sqlite:///{tmp_path}/mlflow/mlflow.db", experiment="tests")
     with mlflow.start_run() as run:

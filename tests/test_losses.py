@@ -35,7 +35,9 @@ def ref_bin(v: float, edges: list[float]) -> int:
 
 
 def ref_losses(x, x_hat, mask, bins, lam=100.0, beta=0.2, gamma=1.0):
-    """dict name -> list of per-sample values, straight from the formulas of SPEC §2."""
+    """dict name -> list of per-sample values, straight from the formulas of the quantized-loss
+    study (Szwarcman et al., Quantizing reconstruction losses for improving weather data
+    synthesis)."""
     edges = L.histogram_edges(bins, dtype=torch.float64).tolist()
     n = x.shape[0]
     xs = x.reshape(n, -1).tolist()
@@ -334,7 +336,7 @@ def test_all_zero_inputs_give_zero_loss_and_finite_gradients(name):
     wet = L.reconstruction_loss(name, x, torch.full_like(x, 0.5))
     assert torch.isfinite(wet).all()
     if name in {"wqt", "focal_hist"}:
-        assert (wet == 0).all()  # single bin => h = 1 => w = 0 (paper's definition)
+        assert (wet == 0).all()  # single bin => h = 1 => w = 0 (the study's definition)
     else:
         assert (wet > 0).all()
 

@@ -44,7 +44,7 @@ def test_two_workers_through_ray_job_submit(tmp_path):
     job = [
         "python", "jobs/train.py", "--config", config, *extra,
         f"data.store={store}",
-        "vae.widths=[4, 8]", "vae.latent=4",
+        "model.widths=[4, 8]", "model.latent=4",
         "train.workers=2", "train.cpus_per_worker=1",
         "train.epochs=2", "train.max_steps_per_epoch=4",
         f"run.storage_path={tmp_path / 'ray'}", f"run.tracking_uri={tracking}",

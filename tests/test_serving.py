@@ -19,6 +19,7 @@ import xarray as xr
 from cloudburst import tracking
 from cloudburst.ensembles.generate import generate, resolve
 from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.models.package import PrecipitationModel
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,7 +40,7 @@ def tiny_model():
     cfg = VAEConfig(widths=(4, 8), latent=4)
     net = registry.build("vae", cfg, (4, 8, 8))
     stats = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 20.0}}
-    return tracking.PrecipitationModel(net, "vae", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats)
+    return PrecipitationModel(net, "vae", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats)
 
 
 def tiny_diffusion():
@@ -53,9 +54,7 @@ def tiny_diffusion():
     cfg = DiffusionConfig(widths=(4, 8), embedding=8, steps=4, transform="sqrt")
     net = registry.build("diffusion", cfg, (4, 8, 8))
     stats = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 20.0}}
-    return tracking.PrecipitationModel(
-        net, "diffusion", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats
-    )
+    return PrecipitationModel(net, "diffusion", cfg, (4, 8, 8), Scale(0.0, 60.0, "unit"), stats)
 
 
 class Endpoint:
@@ -310,7 +309,7 @@ def test_bad_conditions_get_4xx(endpoint, change, code, words):
         str(endpoint.root / "out" / "bad.zarr"), scenario={**forecast(endpoint)["scenario"]}
     )
     status, answer = endpoint.call("POST", "/v1/ensembles", wrong_kind)
-    assert status == 400 and "needs a diffusion model" in answer["error"], answer
+    assert status == 400 and "forecast is served by diffusion models" in answer["error"], answer
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,10 @@ from cloudburst import cli, tracking  # noqa: E402
 from cloudburst.config import DatasetJobConfig, VAEConfig  # noqa: E402
 from cloudburst.data.ingest import StoreStats  # noqa: E402
 from cloudburst.data.transforms import for_data  # noqa: E402
+from cloudburst.evaluation import figures
+from cloudburst.models import package as package_mod  # noqa: E402
 from cloudburst.models import registry  # noqa: E402
+from cloudburst.models.package import PrecipitationModel
 
 # MLflow's own SQLAlchemy use, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
@@ -52,10 +55,10 @@ def store_stats(vmax: float = 40.0) -> StoreStats:
     )
 
 
-def package(seed: int = 0) -> tracking.PrecipitationModel:
+def package(seed: int = 0) -> PrecipitationModel:
     torch.manual_seed(seed)
     stats = store_stats()
-    return tracking.PrecipitationModel(
+    return PrecipitationModel(
         registry.build("vae", TINY, WINDOW), "vae", TINY, WINDOW, for_data(stats), stats
     )
 
@@ -184,12 +187,12 @@ def test_package_saves_loads_and_speaks_physical_units(tmp_path):
     original = package()
     x = physical_batch()
     folder = original.save(tmp_path / "pkg")
-    meta = json.loads((folder / tracking.METADATA_FILE).read_text())
+    meta = json.loads((folder / package_mod.METADATA_FILE).read_text())
     assert meta["model"] == "vae" and meta["window"] == list(WINDOW)
     assert meta["transform"] == {"kind": "scale", "low": 0.0, "high": 40.0, "target": "unit"}
     assert meta["stats"]["units"] == "mm/day" and meta["config"]["widths"] == [4, 8]
 
-    loaded = tracking.PrecipitationModel.load(folder)
+    loaded = PrecipitationModel.load(folder)
     assert loaded.units == "mm/day"
     np.testing.assert_allclose(loaded.reconstruct(x), original.reconstruct(x), atol=1e-6)
     samples = loaded.sample(5, seed=3)
@@ -202,7 +205,7 @@ def test_package_saves_loads_and_speaks_physical_units(tmp_path):
     with pytest.raises(ValueError, match=r"\(n, 4, 8, 8\)"):
         loaded.reconstruct(np.zeros((2, 4, 8, 9), np.float32))
     with pytest.raises(FileNotFoundError, match="no packaged model"):
-        tracking.PrecipitationModel.load(tmp_path)
+        PrecipitationModel.load(tmp_path)
 
 
 # ------------------------------------------------------------------- registry, SQLite store
@@ -297,7 +300,7 @@ def test_failed_registration_leaves_no_version_behind(store, monkeypatch):
 
 
 def test_log_figure_needs_a_run_and_writes_a_png(store):
-    fig = tracking.figure(figsize=(2, 2))
+    fig = figures.figure(figsize=(2, 2))
     fig.add_subplot().plot([0, 1], [1, 0])
     with pytest.raises(tracking.TrackingError, match="active MLflow run"):
         tracking.log_figure(fig, "plots/curve")

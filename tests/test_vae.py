@@ -50,8 +50,12 @@ def test_sample_is_seeded_and_shaped():
     c = model.sample(5, torch.Generator().manual_seed(2))
     assert a.shape == (5, 1, 4, 8, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match="unconditionally"):
-        model.sample(1, condition=torch.zeros(1))
+    # it generates unconditionally only: asked to sample on a condition, the role is refused
+    from cloudburst.models import registry
+    from cloudburst.models.roles import ConditionalSampler, RoleError
+
+    with pytest.raises(RoleError, match="ConditionalSampler"):
+        registry.require(model, "vae", ConditionalSampler)
 
 
 @pytest.mark.parametrize("loss", ["rec", "wqt", "rec+wqt", "focal_hist"])

@@ -14,7 +14,7 @@ import numpy as np
 
 from cloudburst.evaluation.observations import FieldSummary
 
-__all__ = ["Entry", "generation_metrics", "model_label", "split_scores"]
+__all__ = ["Entry", "generation_metrics", "model_label", "spell_metrics", "split_scores"]
 
 
 @dataclass
@@ -85,9 +85,36 @@ def generation_metrics(
         entry.metrics[f"{prefix}low_end_fraction"] = (
             float(hist[low].sum() / total) if total else 0.0
         )
+    spell_metrics(entry, obs)
     entry.curves["psd_spatial"] = {"wavenumber": k, "power": p}
     entry.curves["psd_temporal"] = {"frequency": f, "power": pt}
     entry.curves["histogram"] = {"edges": s.edges, "counts": s.hist.counts}
+
+
+def spell_metrics(entry: Entry, obs: FieldSummary) -> None:
+    """Wet fraction and wet- and dry-spell lengths of the entry's windows and the observed.
+
+    Metrics ``wet_fraction``, ``mean_wet_spell`` and ``mean_dry_spell`` (time steps), each
+    beside its ``observed_`` counterpart; curves ``wet_spells`` and ``dry_spells``: the
+    probabilities of spell lengths 1..T (``length``), the entry's (``probability``) and the
+    observed (``observed``). Definitions:
+    :class:`~cloudburst.evaluation.observations.SpellAccumulator` (a pixel is wet above the
+    summaries' ``wet_threshold``, 0 by default: strictly positive).
+    """
+    s = entry.summary
+    assert s is not None
+    for prefix, spells in (("", s.spells), ("observed_", obs.spells)):
+        entry.metrics[f"{prefix}wet_fraction"] = float(spells.wet_fraction())
+        entry.metrics[f"{prefix}mean_wet_spell"] = spells.mean_spell("wet")
+        entry.metrics[f"{prefix}mean_dry_spell"] = spells.mean_spell("dry")
+    length = np.arange(1, s.spells.length + 1)
+    for kind in ("wet", "dry"):
+        entry.curves[f"{kind}_spells"] = {
+            "length": length,
+            "probability": s.spells.distribution(kind),
+            "observed": obs.spells.distribution(kind),
+            "wet_threshold": s.spells.wet_threshold,
+        }
 
 
 def split_scores(entry: Entry, scores: dict[str, Any], prefix: str) -> None:

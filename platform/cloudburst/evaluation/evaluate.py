@@ -117,7 +117,13 @@ def evaluate(
     say(f"observed: {len(obs.x)} windows of {obs.split} from {obs.store}")
     thresholds = quantile_thresholds(obs.stats, request.thresholds)
     q99 = thresholds.get("q0.99", obs.stats.quantile(0.99))
-    obs_summary = FieldSummary(edges(obs.stats, obs.x), window, request.top_n, q99)  # type: ignore[arg-type]
+    obs_summary = FieldSummary(
+        edges(obs.stats, obs.x),
+        window,  # type: ignore[arg-type]
+        request.top_n,
+        q99,
+        wet_threshold=request.wet_threshold,
+    )
     obs_summary.update(obs.x)
     periods = np.asarray(request.periods, dtype=np.float64)
 

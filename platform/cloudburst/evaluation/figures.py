@@ -47,6 +47,7 @@ __all__ = [
     "return_levels",
     "samples_grid",
     "spectra",
+    "wet_dry_spells",
 ]
 
 CMAP = "viridis"
@@ -508,6 +509,46 @@ def spectra(
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    wrapped_title(fig, title)
+    return fig
+
+
+def wet_dry_spells(curves: Mapping[str, Mapping[str, Any]], title: str, step: str = "") -> Figure:
+    """Wet- and dry-spell length distributions, one line per source in each of two panels.
+
+    ``curves``: label -> {"wet": (T,) probabilities of wet-spell lengths 1..T, "dry": the
+    same for dry spells, "wet_fraction": the share of wet pixels (shown in the legend);
+    optional "length": the (T,) lengths, 1..T by default}. Zero or NaN probabilities are left
+    out of the log y axis. ``step`` names the time step (e.g. "hours") for the x label.
+    Generated fields that drizzle everywhere show a wet fraction near 1 and dry spells that
+    stop at length 1 or 2.
+    """
+    models = _models(curves, "curves")
+    lines = {}
+    for name, entry in models.items():
+        wet, dry = _fields(name, entry, ("wet", "dry"))
+        length = _vector(entry["length"]) if "length" in entry else np.arange(1, wet.size + 1)
+        if length.size != wet.size:
+            raise ValueError(f"{name}: {length.size} lengths for {wet.size} probabilities")
+        if (wet[np.isfinite(wet)] < 0).any() or (dry[np.isfinite(dry)] < 0).any():
+            raise ValueError(f"{name}: probabilities must be non-negative")
+        fraction = float(entry.get("wet_fraction", np.nan))
+        label = name if not np.isfinite(fraction) else f"{name} (wet fraction {fraction:.3f})"
+        lines[name] = (length, wet, dry, label)
+    fig = figure(figsize=(11.0, 4.2), layout="constrained")
+    wet_ax, dry_ax = fig.subplots(1, 2, sharey=True)
+    for i, (length, wet, dry, label) in enumerate(lines.values()):
+        for ax, p in ((wet_ax, wet), (dry_ax, dry)):
+            shown = np.where(np.isfinite(p) & (p > 0), p, np.nan)
+            ax.plot(length, shown, marker="o", ms=3, lw=1.2, color=f"C{i}", label=label)
+    unit = f" ({step})" if step else " (time steps)"
+    for ax, kind in ((wet_ax, "wet"), (dry_ax, "dry")):
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{kind}-spell length{unit}")
+        ax.set_title(f"{kind} spells", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    wet_ax.set_ylabel("probability")
+    wet_ax.legend(fontsize=8)
     wrapped_title(fig, title)
     return fig
 

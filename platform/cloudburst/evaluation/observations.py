@@ -4,8 +4,9 @@
   NaN kept; the split and window settings are the training run's (:func:`run_params`) unless
   the request names a scheme;
 - :class:`FieldSummary`: intensity histogram, tail quantiles, mean per cell, spatial and
-  temporal spectra, window maxima and totals and the wettest extreme windows, accumulated
-  chunk by chunk with optional importance weights;
+  temporal spectra, window maxima and totals, the wettest extreme windows and the wet
+  fraction and wet- and dry-spell lengths (:class:`SpellAccumulator`), accumulated chunk by
+  chunk with optional importance weights;
 - :func:`return_levels`: return levels of window maxima (GEV, or the importance-weighted
   estimator of :func:`importance_levels` for weighted or thresholded stores);
 - :func:`quantile_thresholds`: the training quantiles the threshold scores use;
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from cloudburst.evaluation.verify import HistogramAccumulator, TailQuantiles
 __all__ = [
     "FieldSummary",
     "Observed",
+    "SpellAccumulator",
     "edges",
     "importance_levels",
     "observed_windows",
@@ -149,13 +151,115 @@ def edges(stats: Any, observed: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class SpellAccumulator:
+    """Wet fraction and wet- and dry-spell length distributions, accumulated chunk by chunk.
+
+    Definitions (``T`` = the window length in time steps):
+
+    - a pixel is *wet* when its value is strictly greater than ``wet_threshold`` (physical
+      units; the default 0 makes every strictly positive value wet, so a field that drizzles
+      everywhere, with no exact zeros, shows a wet fraction near 1), *dry* when it is finite
+      and not wet; NaN pixels are neither;
+    - *wet fraction*: the share of valid (finite) pixels that are wet, each window weighted by
+      its importance weight;
+    - a *wet spell* (*dry spell*): a maximal run of consecutive wet (dry) time steps of one
+      grid cell within one window; a run cut by the window's first or last step counts with
+      the length it has in the window, and a NaN step ends a run (it belongs to neither);
+    - the *spell-length distribution*: the histogram of run lengths 1..T over every cell and
+      window, each run counted with its window's weight, normalised to probabilities (the
+      share of spells with each length); the *mean spell length* is its mean.
+
+    Memory is bounded: only the (T + 1,) weighted run counts are kept between calls.
+    """
+
+    length: int
+    wet_threshold: float = 0.0
+    wet_weight: float = 0.0
+    valid_weight: float = 0.0
+    wet: np.ndarray = field(init=False)  # weighted number of wet runs by length (index 0 unused)
+    dry: np.ndarray = field(init=False)
+    BLOCK: ClassVar[int] = 4_000_000  # pixels per block of :meth:`update`
+
+    def __post_init__(self) -> None:
+        self.wet = np.zeros(self.length + 1)
+        self.dry = np.zeros(self.length + 1)
+
+    def update(self, w: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Windows ``w`` (n, time, y, x) with optional importance weights (n,).
+
+        Vectorised over windows and cells; read in blocks of about ``BLOCK`` pixels so the
+        temporaries stay bounded however many windows one call brings.
+        """
+        w = np.asarray(w)
+        n, t = w.shape[:2]
+        if t != self.length:
+            raise ValueError(f"windows of {t} steps given to a {self.length}-step accumulator")
+        wts = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        per_window = max(1, int(np.prod(w.shape[1:])))
+        step = max(1, self.BLOCK // per_window)
+        for a in range(0, n, step):
+            self._update(w[a : a + step], wts[a : a + step])
+
+    def _update(self, w: np.ndarray, wts: np.ndarray) -> None:
+        n, t = w.shape[:2]
+        valid = np.isfinite(w)
+        with np.errstate(invalid="ignore"):
+            wet = valid & (w > self.wet_threshold)
+        self.wet_weight += float((wet.reshape(n, -1).sum(axis=1) * wts).sum())
+        self.valid_weight += float((valid.reshape(n, -1).sum(axis=1) * wts).sum())
+        # one row per cell series: 1 wet, 0 dry, 2 missing; a trailing 2 ends every row, so
+        # the runs of the flattened rows never join two cells
+        state = np.where(valid, wet.astype(np.int8), np.int8(2)).astype(np.int8)
+        rows = np.moveaxis(state, 1, -1).reshape(-1, t)
+        if rows.size == 0:
+            return
+        cells = rows.shape[0] // n
+        flat = np.concatenate([rows, np.full((rows.shape[0], 1), 2, dtype=np.int8)], axis=1)
+        flat = flat.ravel()
+        starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+        lengths = np.diff(np.append(starts, flat.size))
+        kinds = flat[starts]
+        run_weight = wts[starts // ((t + 1) * cells)]  # the run's window
+        for kind, counts in ((1, self.wet), (0, self.dry)):
+            pick = kinds == kind
+            counts += np.bincount(lengths[pick], run_weight[pick], minlength=t + 1)[: t + 1]
+
+    def wet_fraction(self) -> float:
+        return self.wet_weight / self.valid_weight if self.valid_weight > 0 else float("nan")
+
+    def distribution(self, kind: str) -> np.ndarray:
+        """(T,) probabilities of spell lengths 1..T, ``kind`` "wet" or "dry" (NaN: no spell)."""
+        counts = (self.wet if kind == "wet" else self.dry)[1:]
+        total = counts.sum()
+        return counts / total if total > 0 else np.full(self.length, np.nan)
+
+    def mean_spell(self, kind: str) -> float:
+        """The mean length of the ``kind`` ("wet" or "dry") spells, in time steps."""
+        p = self.distribution(kind)
+        return float(np.sum(p * np.arange(1, self.length + 1)))
+
+    def curves(self) -> dict[str, Any]:
+        return {
+            "wet_fraction": self.wet_fraction(),
+            "length": np.arange(1, self.length + 1),
+            "wet": self.distribution("wet"),
+            "dry": self.distribution("dry"),
+        }
+
+
+@dataclass
 class FieldSummary:
-    """What the generation scores need of a set of windows, accumulated chunk by chunk."""
+    """What the generation scores need of a set of windows, accumulated chunk by chunk.
+
+    ``wet_threshold``: a pixel above it is wet (see :class:`SpellAccumulator`, ``spells``).
+    """
 
     edges: np.ndarray
     window: tuple[int, int, int]
     top_n: int = 20
     extreme: float = -np.inf  # the top windows are chosen among those with a pixel above it
+    wet_threshold: float = 0.0
+    spells: SpellAccumulator = field(init=False)
     hist: HistogramAccumulator = field(init=False)
     quantiles: TailQuantiles = field(init=False)
     spatial: SpectrumAccumulator = field(default_factory=SpectrumAccumulator)
@@ -174,6 +278,7 @@ class FieldSummary:
         _, y, x = self.window
         self.cell_sum = np.zeros((y, x))
         self.cell_weight = np.zeros((y, x))
+        self.spells = SpellAccumulator(self.window[0], self.wet_threshold)
 
     def update(self, w: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Windows ``w`` (n, time, y, x) with optional importance weights (n,)."""
@@ -184,6 +289,7 @@ class FieldSummary:
         per_cell = np.where(valid, w, 0.0) * wts[:, None, None, None]
         self.cell_sum += per_cell.sum(axis=(0, 1))
         self.cell_weight += (valid * wts[:, None, None, None]).sum(axis=(0, 1))
+        self.spells.update(w, wts)
         # spectra are shape statistics: unweighted, over every snapshot and cell series
         k, p = radial_psd(w)
         self.spatial.update(k, p, weight=len(w) * w.shape[1])

@@ -99,6 +99,16 @@ def build_figures(
         made[name] = figures.spectra(
             curves, xlabel, f"{what}: {names} on {data}", ylabel=f"power (({units})²)"
         )
+    # wet fraction and spell lengths: does a model drizzle everywhere, are dry spells short?
+    spells = {"observed": obs_summary.spells.curves()} | {
+        e.label: e.summary.spells.curves()  # type: ignore[union-attr]
+        for e in entries
+    }
+    wet = obs_summary.wet_threshold
+    made["wet_dry_spells"] = figures.wet_dry_spells(
+        spells,
+        f"wet and dry spells (wet: > {wet:g}{' ' + units if units else ''}): {names} on {data}",
+    )
     # the extremes check: QQ of the top-N windows by total
     top_obs = obs.x[top_windows(obs.x, request.top_n, obs_summary.extreme)]
     tl = figures.qq_levels(int(np.isfinite(top_obs).sum()))

@@ -35,6 +35,9 @@ class EvaluationRequest(BaseModel):
     periods: tuple[float, ...] = (10, 100, 1000, 10000)
     top_n: int = Field(20, ge=2)
     low_threshold: float = Field(1.0, gt=0, description="upper end of the low-intensity panel")
+    wet_threshold: float = Field(
+        0.0, ge=0, description="a pixel is wet above it (physical units; 0: any non-zero value)"
+    )
     seed: int = 0
     chunk_mb: float = Field(64.0, gt=0, description="memory per verification tile")
     bootstrap: int = Field(100, ge=10)

@@ -7,7 +7,8 @@ For every model (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, pinned to i
   :class:`~cloudburst.models.roles.Reconstructor`): quantized MSE per bin of the training
   histogram, QQ of reconstructions, the reconstructions of the wettest extreme windows;
 - generation: ``samples`` unconditional windows, generated and summarised batch by batch
-  (:class:`~cloudburst.evaluation.observations.FieldSummary`);
+  (:class:`~cloudburst.evaluation.observations.FieldSummary`, wet fraction and wet- and
+  dry-spell lengths included, wet above the observed summary's ``wet_threshold``);
 - conditional ensembles: ``members`` posterior draws per observed window, verified with
   :class:`~cloudburst.evaluation.verify.EnsembleVerifier`; a latent interpolation.
 """
@@ -133,7 +134,13 @@ def _generate_and_summarise(
     progress: Callable[[str], None],
 ) -> None:
     """``request.samples`` unconditional windows, generated and summarised batch by batch."""
-    summary = FieldSummary(obs_summary.edges, packaged.window, request.top_n, obs_summary.extreme)
+    summary = FieldSummary(
+        obs_summary.edges,
+        packaged.window,
+        request.top_n,
+        obs_summary.extreme,
+        wet_threshold=obs_summary.wet_threshold,  # wet as the observed are
+    )
     generator = torch.Generator().manual_seed(request.seed)
     network = packaged.network(Generative)
     done = 0

@@ -161,7 +161,13 @@ def evaluate_store(
             "draws": int(marker.get("draws", weights.size)),
         },
     )
-    summary = FieldSummary(obs_summary.edges, window, request.top_n, obs_summary.extreme)  # type: ignore[arg-type]
+    summary = FieldSummary(
+        obs_summary.edges,
+        window,  # type: ignore[arg-type]
+        request.top_n,
+        obs_summary.extreme,
+        wet_threshold=obs_summary.wet_threshold,  # wet as the observed are
+    )
     for chunk in member_chunks(url, options):
         summary.update(chunk["precip"], chunk["weight"])
     entry.summary = summary

@@ -33,8 +33,9 @@ from _common import ROOT  # before cloudburst: package path, quiet defaults
 from cloudburst import tracking
 from cloudburst.config import TrainJobConfig, load_config
 from cloudburst.data.ingest import StoreStats
+from cloudburst.data.samples import split_windows
 from cloudburst.evaluation import figures
-from cloudburst.evaluation.report import evaluation_windows, train_and_evaluate
+from cloudburst.evaluation.report import train_and_evaluate
 from cloudburst.models.scoring import Reconstruction, reconstruction_scores
 from cloudburst.training.job import check
 
@@ -55,7 +56,7 @@ def variant_overrides(variant: str, cfg: TrainJobConfig) -> list[str]:
 
 def score(uri: str, cfg: TrainJobConfig, limit: int) -> tuple[Reconstruction, StoreStats]:
     packaged = tracking.load_model(uri)
-    data = evaluation_windows(cfg, packaged.transform, limit, part="test")
+    data = split_windows(cfg, packaged.transform, limit, part="test")
     edges = torch.tensor(data["stats"].histogram_edges, dtype=torch.float64)
     rec = reconstruction_scores(
         packaged.model.cpu(), data["x"], data["mask"], packaged.transform, edges, prefix="test_"

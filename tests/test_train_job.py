@@ -87,6 +87,14 @@ def test_trains_registers_and_resumes(tmp_path, store):
     )
     samples = packaged.sample(3, seed=0)
     assert samples.shape == (3, 4, 8, 8) and (samples >= 0).all()
+    # the auto dry threshold: chosen on validation windows, logged, tagged and applied
+    assert {"dry_threshold", "dry_threshold_observed_wet_fraction"} <= set(logged)
+    threshold = logged["dry_threshold"]
+    assert packaged.dry_threshold == pytest.approx(threshold)
+    tags = client.get_model_version("cloudburst-vae-demo", "1").tags
+    assert float(tags["dry_threshold"]) == pytest.approx(threshold, rel=1e-5)
+    many = packaged.sample(16, seed=1)
+    assert not ((many > 0) & (many < threshold)).any()
 
     # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
     second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me")

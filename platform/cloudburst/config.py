@@ -6,6 +6,8 @@ the value given and what is allowed.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -239,6 +241,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
     return tree
 
 
+_UNION_MEMBER = re.compile(r"float|int|str|bool|literal\[.*\]")
+
+
 def _describe(errors: list[dict[str, Any]], source: str) -> str:
     lines = [f"invalid config ({source}):"]
     kinds = set(registry.names(plugins=False))
@@ -246,6 +251,8 @@ def _describe(errors: list[dict[str, Any]], source: str) -> str:
         loc = list(err["loc"])
         if len(loc) > 1 and loc[0] == "model" and loc[1] in kinds:
             del loc[1]  # the union's tag: model.loss, not model.vae.loss
+        # a plain union's member names (train.dry_threshold, not ...dry_threshold.float)
+        loc = [p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
         field = ".".join(str(p) for p in loc) or "(top level)"
         given = err.get("input")
         msg = err["msg"]
@@ -315,6 +322,22 @@ class TrainConfig(Strict):
     mixed_precision: bool = True
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)
+    dry_threshold: Literal["auto", "none"] | float = Field(
+        "auto",
+        description="physical values below it are exactly 0 in everything the packaged model "
+        "makes: auto (the generated wet fraction matches the observed one on validation "
+        "windows), none, or a value in the store's units",
+    )
+    dry_threshold_samples: int = Field(
+        16, ge=1, le=4096, description="generated windows the auto dry threshold is chosen on"
+    )
+
+    @field_validator("dry_threshold")
+    @classmethod
+    def _dry_threshold_value(cls, v: str | float) -> str | float:
+        if isinstance(v, float) and not (math.isfinite(v) and v >= 0):
+            raise ValueError("dry_threshold must be auto, none or a finite value >= 0")
+        return v
 
 
 class RunConfig(Strict):

@@ -374,6 +374,8 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
     }
     if gen.threshold is not None:
         out["threshold"] = gen.threshold
+    if model.packaged.dry_threshold is not None:
+        out["dry_threshold"] = model.packaged.dry_threshold
     if gen.direction is not None:
         out["direction"] = [float(v) for v in gen.direction]
     for key in ("time_step_hours",):

@@ -26,11 +26,9 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from cloudburst import storage, tracking
+from cloudburst import tracking
 from cloudburst.config import TrainJobConfig
-from cloudburst.data.ingest import open_store
-from cloudburst.data.loader import WindowDataset
-from cloudburst.data.windows import build_index, split_index
+from cloudburst.data.samples import split_windows
 from cloudburst.evaluation import figures
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.models.roles import LatentModel, TransformedInput
@@ -40,7 +38,6 @@ from cloudburst.training.job import TrainingOutcome, run_training
 __all__ = [
     "FIGURES",
     "GENERATIVE_FIGURES",
-    "evaluation_windows",
     "log_evaluation",
     "train_and_evaluate",
 ]
@@ -54,44 +51,6 @@ FIGURES = (
     "samples",
     "latent_interpolation",
 )
-
-
-def evaluation_windows(
-    cfg: TrainJobConfig, transform: Any, limit: int | None = 256, part: str = "val"
-) -> dict[str, Any]:
-    """Windows (model space) of split ``part`` (val falls back to train when empty).
-
-    With ``limit``, that many windows evenly spread over the part (in index order), so a
-    small evaluation still covers every season and year of the split. Returns ``x``
-    (n, 1, t, y, x) float32, ``mask`` bool alike, ``part`` and ``stats``.
-    """
-    opts = storage.options_from(cfg.data.store, cfg.storage)
-    ds, stats = open_store(cfg.data.store, opts)
-    index = build_index(ds, cfg.data.windows)
-    chosen = split_index(index, cfg.data.split, part)
-    if len(chosen) == 0 and part == "val":
-        part, chosen = "train", split_index(index, cfg.data.split, "train")
-    if limit is not None and len(chosen) > limit:
-        chosen = chosen.subset(np.unique(np.linspace(0, len(chosen) - 1, int(limit)).astype(int)))
-    dataset = WindowDataset(
-        cfg.data.store,
-        chosen,
-        storage_options=opts,
-        transform=transform,
-        shuffle=False,
-        cache_blocks=cfg.data.loader.cache_blocks,
-        rank=0,
-        world_size=1,
-    )
-    items = list(dataset)
-    if not items:
-        raise ValueError(f"no {part} windows to evaluate in {cfg.data.store}")
-    return {
-        "x": torch.stack([it["x"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "part": part,
-        "stats": stats,
-    }
 
 
 @torch.no_grad()
@@ -109,7 +68,7 @@ def log_evaluation(
     The model runs on CPU. Returns the logged metrics.
     """
     packaged.model.cpu().eval()
-    data = evaluation_windows(cfg, packaged.transform, limit)
+    data = split_windows(cfg, packaged.transform, limit)
     if not packaged.plays(LatentModel):
         return _log_generative_evaluation(cfg, packaged, data, run_id, seed=seed)
     model = packaged.network(LatentModel)

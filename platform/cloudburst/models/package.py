@@ -24,7 +24,7 @@ from torch import nn
 from cloudburst.data import transforms as transforms_mod
 from cloudburst.data.ingest import StoreStats
 from cloudburst.data.transforms import Transform
-from cloudburst.models import registry
+from cloudburst.models import dry, registry
 from cloudburst.models.roles import (
     Condition,
     ConditionalSampler,
@@ -68,7 +68,9 @@ class PrecipitationModel:
     ``model``: the torch module (kept in eval mode); ``name``: its family
     (:func:`cloudburst.models.registry.family`); ``config``: the family's config section;
     ``window``: (time, y, x); ``transform``: physical -> model space (``state()`` is stored);
-    ``stats``: the store's ``StoreStats`` (dict or object, may be None).
+    ``stats``: the store's ``StoreStats`` (dict or object, may be None);
+    ``dry_threshold``: physical values below it come out as exactly 0 (None: no threshold;
+    see :mod:`cloudburst.models.dry`). It is part of the package: saved, loaded, tagged.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class PrecipitationModel:
         window: tuple[int, int, int],
         transform: Transform,
         stats: StoreStats | Mapping[str, Any] | None = None,
+        dry_threshold: float | None = None,
     ) -> None:
         self.model = model.eval()
         self.name = name
@@ -93,6 +96,9 @@ class PrecipitationModel:
         self.stats: dict[str, Any] | None = (
             json.loads(json.dumps(dict(stats))) if stats is not None else None
         )
+        if dry_threshold is not None and not (float(dry_threshold) >= 0.0):
+            raise ValueError(f"dry_threshold must be >= 0 or None, got {dry_threshold}")
+        self.dry_threshold = None if dry_threshold is None else float(dry_threshold)
 
     # ------------------------------------------------------------------------- roles
 
@@ -171,10 +177,11 @@ class PrecipitationModel:
         return np.where(valid, arr, out).astype(np.float32)
 
     def to_physical(self, y: torch.Tensor) -> np.ndarray:
-        """Model-space windows (n, 1, time, y, x) -> physical float32 (n, time, y, x), >= 0."""
+        """Model-space windows (n, 1, time, y, x) -> physical float32 (n, time, y, x), >= 0,
+        exactly 0 below the dry threshold."""
         arr = y.detach().float().cpu().numpy()[:, 0]
         phys = np.asarray(self.transform.inverse(arr), dtype=np.float32)
-        return np.maximum(phys, np.float32(0.0))
+        return dry.apply(np.maximum(phys, np.float32(0.0)), self.dry_threshold)
 
     def to_model_space(self, x: np.ndarray) -> np.ndarray:
         """Physical windows (n, time, y, x) -> model space float32, NaN filled with 0 first."""
@@ -193,6 +200,7 @@ class PrecipitationModel:
         }
         if self.units:
             tags["units"] = self.units
+        tags["dry_threshold"] = "none" if self.dry_threshold is None else f"{self.dry_threshold:g}"
         config = family_config(self.name, self.config)
         tags.update({str(k): str(v) for k, v in self.family.tags(config).items()})
         return tags
@@ -210,6 +218,7 @@ class PrecipitationModel:
             "transform": self.transform.state(),
             "stats": self.stats,
             "units": self.units,
+            "dry_threshold": self.dry_threshold,
             "cloudburst": __version__,
             "torch": str(torch.__version__),
         }
@@ -248,4 +257,5 @@ class PrecipitationModel:
             window,  # type: ignore[arg-type]
             transforms_mod.from_state(meta["transform"]),
             meta.get("stats"),
+            meta.get("dry_threshold"),
         )

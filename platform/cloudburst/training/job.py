@@ -23,6 +23,42 @@ log = logging.getLogger(__name__)
 PREFLIGHT_ERRORS = (ValueError, RuntimeError, storage.StorageError)
 
 
+def dry_threshold(cfg: TrainJobConfig, packaged: PrecipitationModel) -> float | None:
+    """The package's dry threshold from ``train.dry_threshold``: none, a value, or auto (the
+    generated wet fraction matched to the observed one on validation windows, falling back
+    to training windows; logged to the active run beside the data's detection limit)."""
+    import mlflow
+    import numpy as np
+
+    from cloudburst.data.samples import split_windows
+    from cloudburst.models import dry
+
+    setting = cfg.train.dry_threshold
+    if setting == "none":
+        return None
+    if not isinstance(setting, str):
+        mlflow.log_metric("dry_threshold", float(setting))
+        return float(setting)
+    data = split_windows(cfg, packaged.transform, limit=256)
+    x, mask = data["x"], data["mask"]
+    observed = np.asarray(packaged.transform.inverse(x.double().numpy()), dtype=np.float64)
+    observed = np.where(mask.numpy(), np.maximum(observed, 0.0), np.nan)
+    generated = packaged.sample(cfg.train.dry_threshold_samples, seed=cfg.train.seed)
+    chosen = dry.choose(observed, generated)
+    mlflow.log_metrics(chosen.metrics())
+    mlflow.set_tag("dry_threshold_split", f"{data['part']} ({len(x)} windows)")
+    log.info(
+        "dry threshold %.4g %s (detection limit %.4g): wet fraction %.3f observed, %.3f "
+        "generated before",
+        chosen.value,
+        packaged.units,
+        chosen.detection_limit,
+        chosen.observed_wet_fraction,
+        chosen.generated_wet_fraction,
+    )
+    return chosen.value
+
+
 @dataclass
 class TrainingOutcome:
     model_uri: str
@@ -118,6 +154,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             for_data(stats, cfg.data.scaling, cfg.data.transform),
             stats,
         )
+        packaged.dry_threshold = dry_threshold(cfg, packaged)
         version, model_uri = tracking.log_and_register(
             packaged,
             name=cfg.run.registered_model,

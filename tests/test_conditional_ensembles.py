@@ -258,12 +258,19 @@ def test_a_forecast_store_is_verified_against_the_steps_it_withheld(
     url = str(tmp_path / "f.zarr")
     generate(ask(store, url, kind="forecast", context=2), model=model)
     out = tmp_path / "eval"
+    said: list[str] = []
     result = evaluate(
         EvaluationRequest(
             ensembles=[url], data=store, split="train@none", out=str(out), log_to_mlflow=False
-        )
+        ),
+        progress=said.append,
     )
     (entry,) = result.report["models"]
+    # the line the job prints says the skill against persistence, with the weight used
+    (line,) = [s for s in said if "verified against" in s]
+    skill = entry["metrics"]["cond_crps_skill"]
+    assert f"against persistence MAE {entry['metrics']['cond_baseline_mae']:.4g}" in line
+    assert f"skill {skill:+.2f}" in line and ("WORSE" in line) == (skill < 0)
     assert entry["kind"] == "conditional ensemble" and entry["known_steps"] == [0, 1]
     members = xr.open_zarr(url, consolidated=False).precip.values
     by_step = entry["curves"]["cond_by_step"]
@@ -279,6 +286,17 @@ def test_a_forecast_store_is_verified_against_the_steps_it_withheld(
     assert sum(entry["curves"]["cond_rank_histogram"]) == pytest.approx(1.0)
     assert (out / "figures" / "conditional_crps.png").stat().st_size > 10_000
     assert (out / "figures" / "conditional_rank_histograms.png").exists()
+
+
+def test_the_skill_line_names_the_baseline_and_warns_when_worse():
+    from cloudburst.evaluation.score_stores import skill_line
+
+    good = {"cond_crps": 0.5, "cond_baseline_mae": 1.0, "cond_crps_skill": 0.5}
+    line = skill_line({"scenario": "interpolation", "guidance": 1.0}, good)
+    assert line == "CRPS 0.5 at guidance 1 against linear interpolation MAE 1: skill +0.50"
+    bad = {"cond_crps": 4.7, "cond_baseline_mae": 1.0, "cond_crps_skill": -3.7}
+    line = skill_line({"scenario": "forecast", "guidance": 1e6}, bad)
+    assert "skill -3.70 - WORSE than persistence" in line and "guidance 1e+06" in line
 
 
 def test_an_interpolation_baseline_is_linear_between_known_frames():

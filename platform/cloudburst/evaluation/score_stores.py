@@ -119,9 +119,31 @@ def evaluate_conditional(
     entry = Entry(label, "conditional ensemble", source, metrics, curves)
     progress(
         f"{label}: {source['members']} members, {source['verified_steps']} generated steps "
-        f"verified against {source.get('verified_against', '')}"
+        f"verified against {source.get('verified_against', '')}; {skill_line(attrs, metrics)}"
     )
     return entry
+
+
+def skill_line(attrs: dict[str, Any], metrics: dict[str, float]) -> str:
+    """CRPS beside the deterministic baseline's MAE and the skill, in words: a conditional
+    ensemble worse than persistence (or linear interpolation) says so, and what to try."""
+    kind = attrs.get("scenario", "")
+    baseline = "linear interpolation" if kind == "interpolation" else "persistence"
+    crps, mae = metrics.get("cond_crps"), metrics.get("cond_baseline_mae")
+    if crps is None or mae is None:
+        return "no skill score (nothing verified)"
+    guidance = attrs.get("guidance")
+    weight = f" at guidance {float(guidance):g}" if guidance is not None else ""
+    skill = metrics.get("cond_crps_skill")
+    if skill is None:
+        return f"CRPS {crps:.4g}{weight}; {baseline} is exact here (MAE 0)"
+    line = f"CRPS {crps:.4g}{weight} against {baseline} MAE {mae:.4g}: skill {skill:+.2f}"
+    if skill < 0:
+        line += (
+            f" - WORSE than {baseline}; try another guidance weight (the request's "
+            "scenario.guidance) or a model trained longer"
+        )
+    return line
 
 
 def evaluate_store(

@@ -47,7 +47,17 @@ class DiffusionConfig(Strict):
     masking: tuple[float, float] = (-0.99975, 1.0)
     steps: int = Field(100, ge=1, description="sampler steps")
     sampler: Literal["ancestral", "ddim"] = "ancestral"
-    guidance: float = Field(1.0e6, ge=0, description="reconstruction-guidance weight w_r")
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        description="reconstruction-guidance weight w_r of conditional sampling. 1 by default: "
+        "measured with benchmarks/guidance.py on RADOLAN with the shipped diffusion-radolan "
+        "network (none / sqrt / learnt transformations, 300 and 1,200 training steps; w_r "
+        "in 0, 1, 100, 1e6), w_r = 1 was best in 8 of 10 interpolation / forecast rows and "
+        "within 2 % of best in a ninth, beat imputation (0) in 9 and linear interpolation / "
+        "persistence in 8, while the study's 1e6 (for networks trained ~600x longer) gave a "
+        "CRPS 1.6-9x the baselines' MAE in every row",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> DiffusionConfig:

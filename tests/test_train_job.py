@@ -95,6 +95,10 @@ def test_trains_registers_and_resumes(tmp_path, store):
     assert float(tags["dry_threshold"]) == pytest.approx(threshold, rel=1e-5)
     many = packaged.sample(16, seed=1)
     assert not ((many > 0) & (many < threshold)).any()
+    # the model's statistics are its training split's, and say so
+    assert packaged.stats["scope"].startswith("train split")
+    assert client.get_run(run_id).data.params["stats_scope"] == packaged.stats["scope"][:500]
+    assert tags["stats_scope"] == packaged.stats["scope"]
 
     # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
     second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me")

@@ -1,5 +1,12 @@
-"""Windows of one split of a training job's store, read exactly as the training workers read
-them: what the post-training evaluation and the dry threshold are computed on."""
+"""What a training job takes from its store beyond the windows themselves.
+
+- :func:`split_windows`: windows of one split, read exactly as the training workers read
+  them: what the post-training evaluation and the dry threshold are computed on;
+- :func:`split_stats`: the store's statistics (quantiles, histogram edges, the scaling
+  maximum) over the time steps the training windows cover only, streamed: what the model is
+  scaled, binned and thresholded with, so the test years never leak into it. The store's own
+  whole-record statistics stay its description.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +16,17 @@ import numpy as np
 import torch
 
 from cloudburst import storage
-from cloudburst.data.ingest import open_store
+from cloudburst.data.ingest import StatsAccumulator, StoreStats, open_store
 from cloudburst.data.loader import WindowDataset
+from cloudburst.data.sources import PRECIP
 from cloudburst.data.windows import build_index, split_index
 
 if TYPE_CHECKING:
     from cloudburst.config import TrainJobConfig
 
-__all__ = ["split_windows"]
+__all__ = ["TIME_BLOCK", "split_stats", "split_windows"]
+
+TIME_BLOCK = 64  # time steps read at once by split_stats
 
 
 def split_windows(
@@ -55,3 +65,29 @@ def split_windows(
         "part": part,
         "stats": stats,
     }
+
+
+def split_stats(cfg: TrainJobConfig, part: str = "train") -> tuple[StoreStats, str]:
+    """(statistics, scope): the store's statistics over the time steps that the windows of
+    split ``part`` cover (every grid cell at those steps), with the store's bin count and
+    units; ``scope`` says what they cover. An empty split gives the whole-record statistics.
+    """
+    opts = storage.options_from(cfg.data.store, cfg.storage)
+    ds, whole = open_store(cfg.data.store, opts)
+    index = build_index(ds, cfg.data.windows)
+    chosen = split_index(index, cfg.data.split, part)
+    if len(chosen) == 0:
+        return whole, f"whole record (the {part} split is empty)"
+    covered = np.zeros(index.grid[0], dtype=bool)
+    for k in range(index.shape[0]):
+        covered[chosen.origins[:, 0] + k] = True
+    steps = np.flatnonzero(covered)
+    acc = StatsAccumulator()
+    values = ds[PRECIP]
+    for a in range(0, len(steps), TIME_BLOCK):
+        block = steps[a : a + TIME_BLOCK]
+        acc.add(np.asarray(values.isel(time=block).values))
+    stats = acc.finish(whole.bins, whole.units)
+    first, last = index.times[steps[0]], index.times[steps[-1]]
+    scope = f"{part} split: {len(steps)} of {index.grid[0]} time steps, {first} to {last}"
+    return stats, scope

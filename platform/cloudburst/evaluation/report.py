@@ -73,7 +73,9 @@ def log_evaluation(
         return _log_generative_evaluation(cfg, packaged, data, run_id, seed=seed)
     model = packaged.network(LatentModel)
     x, mask, stats = data["x"], data["mask"], data["stats"]
-    edges = torch.tensor(stats.histogram_edges, dtype=torch.float64)
+    # the bins of the statistics the model was made with (its training split's), if it has them
+    model_edges = (packaged.stats or {}).get("histogram_edges") or stats.histogram_edges
+    edges = torch.tensor(model_edges, dtype=torch.float64)
     rec = reconstruction_scores(
         model, x, mask, packaged.transform, edges, prefix="eval_", batch_size=batch_size
     )

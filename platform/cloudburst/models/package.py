@@ -201,6 +201,9 @@ class PrecipitationModel:
         if self.units:
             tags["units"] = self.units
         tags["dry_threshold"] = "none" if self.dry_threshold is None else f"{self.dry_threshold:g}"
+        scope = (self.stats or {}).get("scope")
+        if scope:
+            tags["stats_scope"] = str(scope)[:500]
         config = family_config(self.name, self.config)
         tags.update({str(k): str(v) for k, v in self.family.tags(config).items()})
         return tags

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
-from cloudburst.data.ingest import open_store
+from cloudburst.data.samples import split_stats
 from cloudburst.data.transforms import for_data
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.training import ray_train
@@ -134,17 +134,20 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
                 "use_gpu": use_gpu,
             }
         )
+        stats, scope = split_stats(cfg)  # the model never sees the test years' statistics
+        mlflow.log_params({"stats_scope": scope[:500], "stats_max": stats.max})
+        log.info("statistics of the %s", scope)
         trainer = ray_train.make_trainer(
-            cfg, use_gpu=use_gpu, tracking_uri=uri, mlflow_run_id=run.info.run_id
+            cfg,
+            use_gpu=use_gpu,
+            tracking_uri=uri,
+            mlflow_run_id=run.info.run_id,
+            train_stats=stats.to_dict(),
         )
         result = trainer.fit()
         best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"], default=None)
         checkpoint = best[0] if best else result.checkpoint
         model = ray_train.load_checkpoint_model(cfg, checkpoint)
-        _, stats = open_store(
-            cfg.data.store,
-            storage.options_from(cfg.data.store, cfg.storage),
-        )
         window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
         packaged = PrecipitationModel(
             model,
@@ -152,7 +155,7 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             cfg.model,
             window,
             for_data(stats, cfg.data.scaling, cfg.data.transform),
-            stats,
+            {**stats.to_dict(), "scope": scope},
         )
         packaged.dry_threshold = dry_threshold(cfg, packaged)
         version, model_uri = tracking.log_and_register(

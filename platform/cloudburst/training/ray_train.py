@@ -21,7 +21,7 @@ import torch
 
 from cloudburst import compat, storage
 from cloudburst.config import TrainJobConfig
-from cloudburst.data.ingest import open_store
+from cloudburst.data.ingest import StoreStats, open_store
 from cloudburst.data.loader import WindowDataset, make_loader
 from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
@@ -62,6 +62,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     opts, stats, train_idx, val_idx = _data(cfg)
+    if config.get("train_stats"):  # the training split's statistics, from the driver
+        stats = StoreStats.from_dict(config["train_stats"])
     transform = for_data(stats, cfg.data.scaling, cfg.data.transform)
     common = {
         "storage_options": opts,
@@ -280,8 +282,10 @@ def make_trainer(
     use_gpu: bool,
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
+    train_stats: dict[str, Any] | None = None,
 ) -> Any:
-    """The TorchTrainer for ``cfg`` (not started); rank 0 logs epochs to ``mlflow_run_id``."""
+    """The TorchTrainer for ``cfg`` (not started); rank 0 logs epochs to ``mlflow_run_id``.
+    ``train_stats``: the statistics the workers scale and bin with (default: the store's)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -291,6 +295,7 @@ def make_trainer(
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "model_modules": registry.plugin_modules(),
+            "train_stats": train_stats,
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "system_metrics_interval": cfg.run.system_metrics_interval,

@@ -528,10 +528,11 @@ def test_2d_time_and_one_space_dim():
 
 def test_4d_with_a_real_extra_dim():
     ds = xr.Dataset(
-        {"pr": (("time", "member", "y", "x"), np.ones((3, 2, 2, 2), "float32"))},
+        {"pr": (("time", "level", "y", "x"), np.ones((3, 2, 2, 2), "float32"))},
         coords={"time": pd.date_range("2001-01-01", periods=3)},
     )
     ds["pr"].attrs["units"] = "mm/day"
+    # (an ensemble dimension gets its own message: see tests/test_calendars.py)
     with pytest.raises(SourceError, match="exactly two spatial dims") as err:
         open_source(ds)
     assert "member" in str(err.value)

@@ -86,6 +86,11 @@ def _chunks(text: str) -> dict[str, int]:
     return out
 
 
+def _member(text: str) -> int | str:
+    """A member label: a number where it is one (UKCP18 labels members 1, 4, ...), else text."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     cfg = validate(
         IngestConfig,
@@ -100,6 +105,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             "bins": args.bins,
             "time_start": args.time_start,
             "time_end": args.time_end,
+            "member": args.member,
         },
         "command line",
     )
@@ -267,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=100, help="histogram bins stored with the data")
     p.add_argument("--time-start")
     p.add_argument("--time-end")
+    p.add_argument(
+        "--member", type=_member, help="ensemble member to read (e.g. 1 of UKCP18's members)"
+    )
     p.add_argument("--quiet", action="store_true")
     _storage_flags(p)
     p.set_defaults(func=cmd_ingest)

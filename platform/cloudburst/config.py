@@ -97,6 +97,11 @@ class IngestConfig(Strict):
     bins: int = Field(100, ge=2)
     time_start: str | None = None
     time_end: str | None = None
+    member: int | str | None = Field(
+        None,
+        description="ensemble member to read (a label of ensemble_member / realization / "
+        "member, e.g. UKCP18's 1); required when the source has several",
+    )
 
     @field_validator("bbox")
     @classmethod

@@ -8,6 +8,10 @@ holding the statistics and a fingerprint of the request is written last:
 - a store without the marker is incomplete and :func:`open_store` refuses it;
 - re-running the same request on a complete store does nothing (idempotent);
 - a failure while writing removes what this run wrote.
+
+Times keep the source's calendar: a model calendar (``360_day``, ``noleap``, ...) is written as
+CF numbers with ``units`` and ``calendar`` attributes and reads back as the same cftime times;
+``member`` picks one member of an ensemble source (see :func:`sources.select_member`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from cloudburst import markers, storage
 from cloudburst.config import IngestConfig
+from cloudburst.data import calendars
 from cloudburst.data.sources import PRECIP, SourceError, open_source
 
 MARKER = markers.MARKER
@@ -230,8 +235,13 @@ def ingest(
     source_options: dict[str, Any] | None = None,
     target_options: dict[str, Any] | None = None,
     progress: bool = True,
+    member: int | str | None = None,
 ) -> IngestResult:
-    """Write ``source`` (cropped, coarsened) to the Zarr v3 store ``target``; see module doc."""
+    """Write ``source`` (cropped, coarsened) to the Zarr v3 store ``target``; see module doc.
+
+    ``member`` picks one member of a source with an ensemble dimension (a label of its member
+    coordinate, e.g. UKCP18's ``ensemble_member``); required when it has several.
+    """
     t0 = _time.perf_counter()
     if bins < 2:
         raise ValueError(f"bins must be >= 2 (got {bins})")
@@ -243,6 +253,7 @@ def ingest(
         storage_options=source_options,
         time_start=time_start,
         time_end=time_end,
+        member=member,
     )
     ds = coarsen(crop(ds, bbox), coarsen_by)
     nt, ny, nx = (ds.sizes[d] for d in ("time", "y", "x"))
@@ -261,6 +272,12 @@ def ingest(
         "shape": [nt, ny, nx],
         "time": [str(ds.time.values[0]), str(ds.time.values[-1])],
     }
+    # only where they apply, so stores of Gregorian single-member sources keep their fingerprint
+    calendar = calendars.calendar_of(ds.time.values)
+    if calendar != calendars.STANDARD:
+        request["calendar"] = calendar
+    if member is not None:
+        request["member"] = ds.attrs.get("cloudburst_member", str(member))
     fingerprint = markers.fingerprint(request, default=str)
     marker = read_marker(target, target_options)
     if marker is not None and marker.get("fingerprint") == fingerprint:
@@ -361,6 +378,7 @@ def ingest_config(
         source_options=source_options,
         target_options=target_options,
         progress=progress,
+        member=cfg.member,
     )
 
 
@@ -402,9 +420,12 @@ def describe(target: str, options: dict[str, Any] | None = None) -> dict[str, An
         "shape": list(da.shape),
         "chunks": marker.get("request", {}).get("chunks"),
         "coords": sorted(str(c) for c in ds.coords),
-        "time_start": str(np.datetime_as_string(ds.time.values[0], unit="s")),
-        "time_end": str(np.datetime_as_string(ds.time.values[-1], unit="s")),
-        "time_step_hours": float(np.median(np.diff(ds.time.values)) / np.timedelta64(1, "h"))
+        "time_start": calendars.iso(ds.time.values[0], unit="s"),
+        "time_end": calendars.iso(ds.time.values[-1], unit="s"),
+        "calendar": calendars.calendar_of(ds.time.values),
+        "time_step_hours": float(
+            np.median(calendars.deltas(ds.time.values)) / np.timedelta64(1, "h")
+        )
         if ds.sizes["time"] > 1
         else None,
         "nan_fraction": stats.nan_fraction,

@@ -8,7 +8,11 @@ object storage), what comes out is the same shape, so everything downstream has 
 - fill values, non-finite and negative values are NaN;
 - the original coordinates kept: 1-D ``lat``/``lon`` become coordinates along ``y``/``x``,
   2-D ``lat``/``lon`` and projected ``y``/``x`` coordinates stay as they are;
-- time sorted, duplicate times dropped.
+- time sorted, duplicate times dropped; a model calendar (``360_day``, ``noleap`` /
+  ``365_day``, ...) is kept as cftime times (see :mod:`cloudburst.data.calendars`), a
+  Gregorian one becomes datetime64;
+- an ensemble dimension (``ensemble_member``, ``realization``, ``member``) is reduced to the
+  one member asked for (``member``); with several members and none asked for, it is an error.
 
 The data stay lazy (dask) until someone reads them.
 """
@@ -23,12 +27,39 @@ import numpy as np
 import xarray as xr
 
 from cloudburst import storage
-from cloudburst.data import references
+from cloudburst.data import calendars, references
 
 PRECIP = "precip"
 NAME_HINTS = ("precip", "precipitation", "pr", "tp", "prcp", "rain", "rainfall", "rr", "pre", "ppt")
-Y_NAMES = ("y", "lat", "latitude", "rlat", "northing", "south_north", "j", "row", "nlat")
-X_NAMES = ("x", "lon", "longitude", "rlon", "easting", "west_east", "i", "col", "nlon")
+Y_NAMES = (
+    "y",
+    "lat",
+    "latitude",
+    "rlat",
+    "grid_latitude",
+    "projection_y_coordinate",
+    "northing",
+    "south_north",
+    "j",
+    "row",
+    "nlat",
+)
+X_NAMES = (
+    "x",
+    "lon",
+    "longitude",
+    "rlon",
+    "grid_longitude",
+    "projection_x_coordinate",
+    "easting",
+    "west_east",
+    "i",
+    "col",
+    "nlon",
+)
+Y_STANDARD = ("latitude", "projection_y_coordinate")  # standard_name contains one: a y axis
+X_STANDARD = ("longitude", "projection_x_coordinate")
+MEMBER_NAMES = ("ensemble_member", "realization", "realisation", "member", "ensemble")
 HOUR_NS = np.timedelta64(3600, "s")
 DAY_NS = np.timedelta64(86400, "s")
 
@@ -171,9 +202,13 @@ def _rate_factor(units: str, step: np.timedelta64 | None) -> float | None:
 # ---------------------------------------------------------------------------- dims
 
 
+def _is_time_coord(dim: Any, ds: xr.Dataset) -> bool:
+    return dim in ds.coords and calendars.is_time(ds[dim].variable.values)
+
+
 def _time_dim(da: xr.DataArray, ds: xr.Dataset) -> str:
     for dim in da.dims:
-        if dim in ds.coords and np.issubdtype(ds[dim].dtype, np.datetime64):
+        if _is_time_coord(dim, ds):
             return str(dim)
     for dim in da.dims:
         if str(dim).lower() in ("time", "t", "valid_time", "date"):
@@ -184,12 +219,15 @@ def _time_dim(da: xr.DataArray, ds: xr.Dataset) -> str:
     )
 
 
-def _classify(dim: str, ds: xr.Dataset, names: tuple[str, ...], axis: str, std: str) -> bool:
+def _classify(
+    dim: str, ds: xr.Dataset, names: tuple[str, ...], axis: str, std: tuple[str, ...]
+) -> bool:
     if dim.lower() in names:
         return True
     if dim in ds.coords:
         attrs = ds[dim].attrs
-        return attrs.get("axis", "").upper() == axis or std in str(attrs.get("standard_name", ""))
+        standard = str(attrs.get("standard_name", ""))
+        return str(attrs.get("axis", "")).upper() == axis or any(s in standard for s in std)
     return False
 
 
@@ -201,7 +239,7 @@ def _spatial_dims(da: xr.DataArray, ds: xr.Dataset, tdim: str) -> tuple[str, str
             "dims (y, x or lat, lon) are needed. Select a level or member first."
         )
     a, b = rest
-    if _classify(a, ds, X_NAMES, "X", "longitude") or _classify(b, ds, Y_NAMES, "Y", "latitude"):
+    if _classify(a, ds, X_NAMES, "X", X_STANDARD) or _classify(b, ds, Y_NAMES, "Y", Y_STANDARD):
         a, b = b, a
     return a, b
 
@@ -210,9 +248,73 @@ def _spatial_dims(da: xr.DataArray, ds: xr.Dataset, tdim: str) -> tuple[str, str
 
 
 def time_step(times: np.ndarray) -> np.timedelta64 | None:
+    """Median step of ``times`` (datetime64 or cftime) as timedelta64[s]; None for one step."""
     if len(times) < 2:
         return None
-    return np.median(np.diff(times.astype("datetime64[s]")).astype("timedelta64[s]"))
+    return np.median(calendars.deltas(times).astype("timedelta64[s]"))
+
+
+def member_dim(da: xr.DataArray) -> str | None:
+    """The ensemble-member dimension of ``da`` (ensemble_member, realization, member), if any."""
+    for dim in da.dims:
+        if str(dim).lower() in MEMBER_NAMES:
+            return str(dim)
+    return None
+
+
+def _member_labels(da: xr.DataArray, ds: xr.Dataset, dim: str) -> list[list[Any]]:
+    """Per member, its labels: the member coordinate's value and those of other 1-D
+    coordinates along the dimension (e.g. UKCP18's ``ensemble_member_id``)."""
+    labels: list[list[Any]] = [[] for _ in range(da.sizes[dim])]
+    names = [dim] if dim in ds.coords else []
+    names += [str(c) for c in ds.coords if c != dim and ds[c].dims == (dim,)]
+    for name in names:
+        for i, v in enumerate(np.asarray(ds[name].values).tolist()):
+            labels[i].append(v.decode() if isinstance(v, bytes) else v)
+    return labels
+
+
+def select_member(
+    da: xr.DataArray, ds: xr.Dataset, member: int | str | None
+) -> tuple[xr.DataArray, str | None]:
+    """``da`` with its member dimension reduced to ``member``, and the member's label.
+
+    ``member`` is a label of the member coordinate (UKCP18's ``ensemble_member`` 1, 4, ... or
+    its ``ensemble_member_id``), or, where the dimension has no coordinate, its 0-based
+    position. A single member is taken as it is; several without ``member`` are an error.
+    """
+    dim = member_dim(da)
+    if dim is None:
+        if member is not None:
+            raise SourceError(
+                f"member {member!r} was asked for but '{da.name}' has no ensemble dimension "
+                f"(dims {tuple(da.dims)}); leave member unset"
+            )
+        return da, None
+    labels = _member_labels(da, ds, dim)
+    n = da.sizes[dim]
+    shown = ", ".join(
+        "/".join(str(v) for v in labs) if labs else str(i) for i, labs in enumerate(labels)
+    )
+    if member is None:
+        if n == 1:
+            label = labels[0][0] if labels[0] else 0
+            return da.isel({dim: 0}, drop=True), str(label)
+        raise SourceError(
+            f"'{da.name}' has {n} ensemble members along '{dim}' ({shown}); Cloudburst reads one "
+            f"member at a time: choose it with the ingest option member (e.g. member: "
+            f"{labels[0][0] if labels[0] else 0})"
+        )
+    text = str(member).strip()
+    for i, labs in enumerate(labels):
+        if any(str(v).strip() == text for v in labs):
+            return da.isel({dim: i}, drop=True), str(labs[0])
+    if not any(labels) and text.lstrip("-").isdigit() and 0 <= int(text) < n:
+        return da.isel({dim: int(text)}, drop=True), text
+    raise SourceError(
+        f"member {member!r} is not one of the {n} members along '{dim}' of '{da.name}' "
+        f"({shown}); choose one of those"
+    )
 
 
 def normalise(
@@ -221,27 +323,27 @@ def normalise(
     *,
     units: str | None = None,
     origin: str = "",
+    member: int | str | None = None,
 ) -> xr.Dataset:
     """The CF-normalised form of ``ds`` (see module docstring)."""
     name = pick_variable(ds, variable)
-    da = ds[name]
+    da, member_label = select_member(ds[name], ds, member)
     if da.ndim > 3:  # e.g. a length-1 level or band axis
-        singles = [
-            d
-            for d in da.dims
-            if da.sizes[d] == 1
-            and not (d in ds.coords and np.issubdtype(ds[d].dtype, np.datetime64))
-        ]
+        singles = [d for d in da.dims if da.sizes[d] == 1 and not _is_time_coord(d, ds)]
         da = da.isel({d: 0 for d in singles}, drop=True)
     tdim = _time_dim(da, ds)
     ydim, xdim = _spatial_dims(da, ds, tdim)
     da = da.transpose(tdim, ydim, xdim)
 
     times = np.asarray(da[tdim].values)
-    if not np.issubdtype(times.dtype, np.datetime64):
+    if not calendars.is_time(times):
         raise SourceError(f"time coordinate of '{name}' is not decodable as dates ({times.dtype})")
+    standard = calendars.standardise(times)  # Gregorian cftime -> datetime64
+    if standard is not times:
+        da = da.assign_coords({tdim: (tdim, standard, da[tdim].attrs)})
+        times = standard
     order = np.argsort(times, kind="stable")
-    keep = order[np.r_[True, np.diff(times[order]) > np.timedelta64(0, "s")]]
+    keep = order[np.r_[True, calendars.deltas(times[order]) > np.timedelta64(0, "s")]]
     if len(keep) != len(times) or np.any(np.diff(keep) < 0):
         da = da.isel({tdim: keep})
         times = times[keep]
@@ -297,6 +399,11 @@ def normalise(
     out.attrs = {k: v for k, v in ds.attrs.items() if isinstance(v, (str, int, float))}
     if origin:
         out.attrs["cloudburst_source"] = origin
+    if member_label is not None:
+        out.attrs["cloudburst_member"] = member_label
+    calendar = calendars.calendar_of(times)
+    if calendar != calendars.STANDARD:
+        out.attrs["cloudburst_calendar"] = calendar
     out.attrs["Conventions"] = "CF-1.8"
     for dim in ("time",):
         out[dim].encoding = {}
@@ -311,8 +418,13 @@ def open_source(
     storage_options: dict[str, Any] | None = None,
     time_start: str | None = None,
     time_end: str | None = None,
+    member: int | str | None = None,
 ) -> xr.Dataset:
-    """Open ``source`` as one CF-normalised, lazy precipitation Dataset."""
+    """Open ``source`` as one CF-normalised, lazy precipitation Dataset.
+
+    ``member`` picks one ensemble member (see :func:`select_member`); ``time_start`` and
+    ``time_end`` are ISO times in the source's calendar.
+    """
     if isinstance(source, xr.Dataset):
         raw, origin = source, source.attrs.get("cloudburst_source", "in-memory dataset")
     else:
@@ -320,7 +432,7 @@ def open_source(
             if not any(c in source for c in "*?[") and not os.path.exists(source):
                 raise SourceError(f"no such file or store: {source}. Check the path.")
         raw, origin = open_raw(source, storage_options), str(source)
-    ds = normalise(raw, variable, units=units, origin=origin)
+    ds = normalise(raw, variable, units=units, origin=origin, member=member)
     if time_start or time_end:
         ds = ds.sel(time=slice(time_start, time_end))
         if ds.sizes["time"] == 0:

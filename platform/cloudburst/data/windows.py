@@ -10,6 +10,9 @@ holds every valid origin, after:
 - a split into train / val / test: by year ranges, or season-stratified (every n-th season
   to test, never two test seasons in one year). Validation is carved from train in contiguous
   time blocks, never mixed with it inside one window. Windows straddling two parts are dropped.
+
+Times may be in any CF calendar (datetime64 or cftime, see :mod:`cloudburst.data.calendars`):
+in a 360-day year the day of year runs 1..360 and every month (so every season) has 30 days.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 from pydantic import ValidationError
 
 from cloudburst.config import SplitConfig, WindowConfig
+from cloudburst.data import calendars
 from cloudburst.data.sources import PRECIP
 
 PARTS = ("train", "val", "test")
@@ -41,7 +44,7 @@ class WindowIndex:
     origins: np.ndarray  # (n, 3) int64: t0, y0, x0
     shape: tuple[int, int, int]  # (length, size_y, size_x)
     nan_fraction: np.ndarray  # (n,) float32
-    times: np.ndarray  # the store's time coordinate
+    times: np.ndarray  # the store's time coordinate (datetime64, or cftime in a model calendar)
     grid: tuple[int, int, int]  # the store's (nt, ny, nx)
 
     def __len__(self) -> int:
@@ -61,8 +64,8 @@ class WindowIndex:
                     "t0": int(t0),
                     "y0": int(y0),
                     "x0": int(x0),
-                    "start": str(np.datetime_as_string(self.times[t0], unit="s")),
-                    "end": str(np.datetime_as_string(self.times[t0 + self.shape[0] - 1], unit="s")),
+                    "start": calendars.iso(self.times[t0], unit="s"),
+                    "end": calendars.iso(self.times[t0 + self.shape[0] - 1], unit="s"),
                     "nan_fraction": round(float(frac), 4),
                 }
             )
@@ -81,7 +84,7 @@ def _positions(n: int, size: int, stride: int, what: str) -> np.ndarray:
 def _doy_inside(times: np.ndarray, doy: tuple[int, int] | None) -> np.ndarray:
     if doy is None:
         return np.ones(len(times), dtype=bool)
-    d = pd.DatetimeIndex(times).day_of_year.to_numpy()
+    d = calendars.fields(times)["dayofyear"]
     lo, hi = doy
     return (d >= lo) & (d <= hi) if lo <= hi else (d >= lo) | (d <= hi)
 
@@ -136,7 +139,7 @@ def build_index(ds: xr.Dataset, windows: WindowConfig, *, size_x: int | None = N
 
     ok = np.ones(nt, dtype=bool)
     if nt > 1:  # contiguity: a window never spans a gap in the record
-        dt = np.diff(times)
+        dt = calendars.deltas(times)
         step = np.median(dt)
         regular = np.concatenate([dt == step, [True]])
         # window [t, t+L) is contiguous if every diff inside (t .. t+L-2) is regular
@@ -165,9 +168,9 @@ def build_index(ds: xr.Dataset, windows: WindowConfig, *, size_x: int | None = N
 
 def season_keys(times: np.ndarray) -> np.ndarray:
     """(season year, season) as one int per step: DJF counts to the year of its January."""
-    idx = pd.DatetimeIndex(times)
-    season = (idx.month.to_numpy() % 12) // 3  # 0 DJF, 1 MAM, 2 JJA, 3 SON
-    year = idx.year.to_numpy() + (idx.month.to_numpy() == 12)
+    f = calendars.fields(times)
+    season = (f["month"] % 12) // 3  # 0 DJF, 1 MAM, 2 JJA, 3 SON
+    year = f["year"] + (f["month"] == 12)
     return year * 4 + season
 
 
@@ -180,7 +183,7 @@ def step_labels(
     """
     n = len(times)
     labels = np.zeros(n, dtype=np.int8)
-    years = pd.DatetimeIndex(times).year.to_numpy()
+    years = calendars.fields(times)["year"]
     if split.scheme == "years":
         assert split.train_years is not None and split.test_years is not None
         (a, b), (c, d) = split.train_years, split.test_years
@@ -211,7 +214,7 @@ def _carve_validation(
     train = np.nonzero(labels == 0)[0]
     if train.size == 0:
         return
-    step = np.median(np.diff(times)) if len(times) > 1 else np.timedelta64(1, "D")
+    step = np.median(calendars.deltas(times)) if len(times) > 1 else np.timedelta64(1, "D")
     per_season = max(1, int(np.timedelta64(91, "D") / step))
     block = max(4 * length, min(per_season, train.size // 10))
     block_id = np.zeros(len(labels), dtype=np.int64)

@@ -12,6 +12,10 @@ The known frames of each kind, for a model window of ``t`` steps:
 - ``forecast``: the first ``context`` steps (half the window by default);
 - ``extension``: the first ``context`` steps when a condition is given (the sequence starts
   from them); each later window is conditioned on the last ``context`` steps generated.
+
+The condition's ``time`` is an ISO time in the store's calendar: on a store of a model in a
+360-day calendar (UKCP18) ``2061-02-30T00:00`` is a valid time, and the output's times are
+cftime times of that calendar.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ class ObservedWindow:
 
     values: np.ndarray
     known: np.ndarray
-    times: np.ndarray  # datetime64[ns] of the output's time steps
+    times: np.ndarray  # the output's time steps: datetime64[ns], or cftime in a model calendar
     step_hours: float
     y: np.ndarray
     x: np.ndarray
     y_attrs: dict[str, Any] = field(default_factory=dict)
     x_attrs: dict[str, Any] = field(default_factory=dict)
     store_fingerprint: str = ""
+    calendar: str = "standard"  # CF calendar of ``times``
 
     @property
     def mask(self) -> np.ndarray:
@@ -100,6 +105,7 @@ def read_condition(
     known = known_steps(scenario, frames)
     if scenario.condition is None:
         return None
+    from cloudburst.data import calendars
     from cloudburst.data.ingest import PRECIP, StoreError, open_store, read_marker
     from cloudburst.data.sources import time_step
 
@@ -115,15 +121,17 @@ def read_condition(
         )
     da = ds[PRECIP]
     times = ds["time"].values
+    calendar = calendars.calendar_of(times)
     try:
-        start = np.datetime64(c.time, "ns")
-    except ValueError:
+        start = calendars.parse(c.time, calendar)
+    except calendars.CalendarError as exc:
         raise ConditionError(
-            f"scenario.condition.time {c.time!r} is not an ISO time (e.g. 2022-10-18T00:50)"
+            f"scenario.condition.time: {exc}; {c.data} is in the {calendar} calendar"
         ) from None
-    found = np.flatnonzero(times == start)
+    offsets = calendars.since(times, start)
+    found = np.flatnonzero(offsets == np.timedelta64(0, "ns"))
     if not len(found):
-        near = times[np.argsort(np.abs((times - start).astype(np.int64)))[:3]]
+        near = times[np.argsort(np.abs(offsets.astype(np.int64)))[:3]]
         raise ConditionError(
             f"{c.data} has no time step at {c.time}; it runs from {_iso(times[0])} to "
             f"{_iso(times[-1])} (nearest: {', '.join(_iso(t) for t in sorted(near))})"
@@ -142,7 +150,7 @@ def read_condition(
             f"y must be <= {sy - ny} and x <= {sx - nx}"
         )
     span = times[i : i + frames]
-    gaps = np.unique(np.diff(span)) if frames > 1 else np.array([], dtype="m8[ns]")
+    gaps = np.unique(calendars.deltas(span))
     if len(gaps) > 1:
         raise ConditionError(
             f"{c.data} has irregular time steps between {_iso(span[0])} and {_iso(span[-1])}; "
@@ -157,18 +165,20 @@ def read_condition(
             "value (outside the radar's range?); choose another window"
         )
     out_frames = output_frames(scenario, frames)
-    out_times = start + np.arange(out_frames) * (span[1] - span[0] if frames > 1 else step)
+    spacing = calendars.deltas(span)[0] if frames > 1 else step
+    out_times = calendars.shift(times[i], np.arange(out_frames) * spacing)
     marker = read_marker(c.data, options) or {}
     return ObservedWindow(
         values=values,
         known=known,
-        times=np.asarray(out_times, dtype="datetime64[ns]"),
+        times=out_times,
         step_hours=step_hours,
         y=np.asarray(ds[dims[0]].values[c.y : c.y + ny]),
         x=np.asarray(ds[dims[1]].values[c.x : c.x + nx]),
         y_attrs=_plain(ds[dims[0]].attrs),
         x_attrs=_plain(ds[dims[1]].attrs),
         store_fingerprint=str(marker.get("fingerprint", "")),
+        calendar=calendar,
     )
 
 
@@ -186,8 +196,10 @@ def window_values(
     return np.asarray(da.isel(region).values, dtype=np.float32)
 
 
-def _iso(t: np.datetime64) -> str:
-    return str(np.datetime_as_string(t, unit="m"))
+def _iso(t: Any) -> str:
+    from cloudburst.data import calendars
+
+    return calendars.iso(t, unit="m")
 
 
 def _plain(attrs: dict[str, Any]) -> dict[str, Any]:

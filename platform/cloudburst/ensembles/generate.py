@@ -412,13 +412,13 @@ def coordinates(observed: ObservedWindow | None) -> dict[str, tuple[np.ndarray, 
     """Real times and grid coordinates for a conditioned ensemble (None: window indices)."""
     if observed is None:
         return None
-    origin = str(np.datetime_as_string(observed.times[0], unit="s"))
-    hours = (observed.times - observed.times[0]) / np.timedelta64(1, "h")
+    from cloudburst.data import calendars
+
+    # CF time in the condition's calendar: ``hours since <first step>``, calendar standard or
+    # the store's model calendar (e.g. 360_day), so xarray decodes it to the same times
+    hours, time_attrs = calendars.cf_time(observed.times, "hours")
     return {
-        "time": (
-            np.asarray(hours, dtype=np.float64),
-            {"standard_name": "time", "units": f"hours since {origin}", "calendar": "standard"},
-        ),
+        "time": (hours, time_attrs),
         "y": (np.asarray(observed.y), observed.y_attrs),
         "x": (np.asarray(observed.x), observed.x_attrs),
     }

@@ -89,8 +89,11 @@ def read_truth(
         ds, _ = open_store(condition["data"], options)
     except (StoreError, OSError) as exc:
         raise ConditionalError(f"the condition store cannot be read: {exc}") from None
+    from cloudburst.data import calendars
+
     times = ds["time"].values
-    found = np.flatnonzero(times == np.datetime64(condition["time"], "ns"))
+    start = calendars.parse(condition["time"], calendars.calendar_of(times))
+    found = np.flatnonzero(calendars.since(times, start) == np.timedelta64(0, "ns"))
     if not len(found):
         raise ConditionalError(
             f"{condition['data']} has no step at {condition['time']} any more; was it re-ingested?"

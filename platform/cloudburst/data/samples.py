@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cloudburst import storage
+from cloudburst.data import calendars
 from cloudburst.data.ingest import StatsAccumulator, StoreStats, open_store
 from cloudburst.data.loader import WindowDataset
 from cloudburst.data.sources import PRECIP
@@ -88,6 +89,7 @@ def split_stats(cfg: TrainJobConfig, part: str = "train") -> tuple[StoreStats, s
         block = steps[a : a + TIME_BLOCK]
         acc.add(np.asarray(values.isel(time=block).values))
     stats = acc.finish(whole.bins, whole.units)
-    first, last = index.times[steps[0]], index.times[steps[-1]]
+    first = calendars.iso(index.times[steps[0]], unit="s")
+    last = calendars.iso(index.times[steps[-1]], unit="s")
     scope = f"{part} split: {len(steps)} of {index.grid[0]} time steps, {first} to {last}"
     return stats, scope

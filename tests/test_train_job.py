@@ -91,7 +91,12 @@ def test_trains_registers_and_resumes(tmp_path, store):
     assert {"dry_threshold", "dry_threshold_observed_wet_fraction"} <= set(logged)
     threshold = logged["dry_threshold"]
     assert packaged.dry_threshold == pytest.approx(threshold)
-    tags = client.get_model_version("cloudburst-vae-demo", "1").tags
+    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the registry this job wrote to
+    tags = (
+        MlflowClient(tracking_uri=registry, registry_uri=registry)
+        .get_model_version("cloudburst-vae-demo", "1")
+        .tags
+    )
     assert float(tags["dry_threshold"]) == pytest.approx(threshold, rel=1e-5)
     many = packaged.sample(16, seed=1)
     assert not ((many > 0) & (many < threshold)).any()

@@ -357,3 +357,49 @@ def test_the_cli_and_the_ingest_config_pick_a_member(ukcp, tmp_path):
     ds4, _ = open_store(str(tmp_path / "cfg.zarr"))
     expected4 = raw.pr.sel(ensemble_member=4).values[:24] * 3600
     np.testing.assert_allclose(ds4.precip.values[:24], expected4, rtol=1e-6)
+
+
+@pytest.mark.integration
+def test_a_model_trains_on_a_360_day_store(ukcp, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    store, _, _ = ukcp
+    root = Path(__file__).resolve().parents[1]
+    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        sys.executable,
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/vae-demo.yaml",
+        f"data.store={store}",
+        "data.windows.size=4",
+        "data.windows.length=4",
+        "data.windows.stride=4",
+        "data.windows.time_stride=24",
+        "model.widths=[4, 8]",
+        "model.latent=4",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=3",
+        "train.max_val_batches=2",
+        f"run.storage_path={tmp_path / 'ray'}",
+        f"run.tracking_uri={registry}",
+        "run.name=ukcp",
+        "run.registered_model=ukcp-vae",
+        "run.system_metrics_interval=null",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MLFLOW_DISABLE_TELEMETRY="true")
+    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model: models:/ukcp-vae/1" in result.stdout
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    version = client.get_model_version("ukcp-vae", "1")
+    assert version.tags["units"] == "mm/h" and version.tags["stats_scope"].startswith("train")
+    # the training split's statistics name 360-day dates
+    assert "2061-" in version.tags["stats_scope"]

@@ -75,13 +75,15 @@ class EpochProbe:
 
     ``x``: (n, 1, time, y, x) model space, ``mask``: bool alike, ``transform``: the data
     transformation (model space <-> physical units), ``edges``: the store's histogram edges
-    in physical units.
+    in physical units, ``epoch``: the epoch being scored (from 0; training sets it each
+    epoch, so a family may score only every k-th epoch).
     """
 
     x: Any
     mask: Any
     transform: Any
     edges: Any
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,13 @@ class ModelFamily:
     - ``learning_rate(config)``: the default when ``train.lr`` is not given;
     - ``tags(config)``: registry version tags beside model, window, transform and units;
     - ``epoch_metrics(network, probe)``: extra validation metrics each epoch (names
-      prefixed ``val_``), or None;
+      prefixed ``val_``), in physical units so that trials of a sweep rank on one scale
+      (:mod:`cloudburst.models.scoring`), or None; ``probe.epoch`` says which epoch it is;
     - ``epoch_warning(config, report)``: a warning to log after an epoch's report, or None;
     - ``check_data(data)``: a reason the family cannot train on a ``DataConfig``, or None;
     - ``sampler_settings``: whether requests may set ``steps`` and ``sampler``;
+    - ``metrics``: the names of the per-epoch validation metrics ``epoch_metrics`` reports
+      (beside the losses): what a sweep may rank trials on;
     - ``small``: overrides of its config that make a network small enough for CPU tests
       and smoke runs.
     """
@@ -118,6 +123,7 @@ class ModelFamily:
     check_data: Callable[[Any], str | None] | None = None
     sampler_settings: bool = False
     small: Mapping[str, Any] = field(default_factory=dict)
+    metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

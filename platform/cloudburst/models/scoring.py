@@ -1,23 +1,47 @@
-"""Reconstruction scores in physical units, shared by training (every epoch, ``val_``) and
-evaluation (the registered model, ``eval_``): quantized MSE per bin of the store's histogram,
-its top 5 / 10 bins, the 0.99 / 0.999 quantiles of inputs and reconstructions, and the active
-latent units of a Gaussian latent model.
+"""Scores in physical units, shared by training (every epoch, ``val_``) and evaluation (the
+registered model, ``eval_``).
+
+- :func:`reconstruction_scores` (latent models): quantized MSE per bin of the store's
+  histogram, its top 5 / 10 bins, the 0.99 / 0.999 quantiles of inputs and reconstructions
+  with their relative errors, the mean bias, the wet fractions and the active latent units;
+- :func:`sample_scores` (generative models): samples against reference windows: the relative
+  quantile errors, the mean bias, the wet fractions and the spatial power spectrum's error.
+
+Every one of these is in physical units after the data transformation's inverse, so trials of
+a sweep whose losses live in different spaces (bins, objectives, input transformations) rank
+on the same scale. Degenerate inputs (nothing valid, nothing finite) give NaN, not an error.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from cloudburst.evaluation.spectra import radial_psd
 from cloudburst.models.losses import active_units, quantized_mse
 from cloudburst.models.roles import LatentModel
 
-__all__ = ["QUANTILES", "Reconstruction", "physical", "qmse_metrics", "reconstruction_scores"]
+__all__ = [
+    "PSD_FLOOR",
+    "QUANTILES",
+    "Reconstruction",
+    "distribution_scores",
+    "physical",
+    "psd_error",
+    "qmse_metrics",
+    "reconstruction_scores",
+    "relative_error",
+    "sample_scores",
+]
 
 QUANTILES = (0.99, 0.999)
+# sample power below this share of the reference's largest power counts as this share
+# (a constant sample field would otherwise give log10(0)): caps one wavenumber's error
+PSD_FLOOR = 1e-10
 
 
 def qmse_metrics(mse: torch.Tensor, counts: torch.Tensor, prefix: str = "val_") -> dict[str, float]:
@@ -34,6 +58,87 @@ def qmse_metrics(mse: torch.Tensor, counts: torch.Tensor, prefix: str = "val_") 
 def physical(transform: Any, y: torch.Tensor) -> torch.Tensor:
     """Model-space values through the data transformation's inverse, clipped at 0 (float64)."""
     return torch.as_tensor(transform.inverse(y.detach().double().cpu())).clamp_min(0.0)
+
+
+def relative_error(estimate: float, reference: float) -> float:
+    """|estimate - reference| / |reference|; the absolute error where ``reference`` is 0;
+    NaN where either is not finite."""
+    if not (math.isfinite(estimate) and math.isfinite(reference)):
+        return math.nan
+    diff = abs(estimate - reference)
+    return diff if reference == 0 else diff / abs(reference)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """The ``q`` quantile of a flat tensor (as float32, like the historical scores); NaN if
+    empty."""
+    if values.numel() == 0:
+        return math.nan
+    return float(torch.quantile(values.float(), q))
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    flat = values.detach().double().cpu().reshape(-1)
+    return flat[torch.isfinite(flat)]
+
+
+def distribution_scores(
+    reference: torch.Tensor, estimate: torch.Tensor, prefix: str = "val_", name: str = "recon"
+) -> dict[str, float]:
+    """Marginal scores of ``estimate`` values against ``reference`` values, both physical
+    (any shape; non-finite values are left out).
+
+    - ``{prefix}q{q}_input`` / ``{prefix}q{q}_{name}``: the quantiles (q in :data:`QUANTILES`);
+    - ``{prefix}q{q}_error``: :func:`relative_error` of the estimate's quantile;
+    - ``{prefix}mean_bias``: (mean estimate - mean reference) / mean reference, signed (the
+      plain difference where the reference mean is 0);
+    - ``{prefix}wet_fraction``: the share of estimate values > 0 (no dry threshold applied);
+    - ``{prefix}observed_wet_fraction``: the share of reference values > 0.
+
+    An empty side gives NaN for every score that needs it.
+    """
+    ref, est = _finite(reference), _finite(estimate)
+    out: dict[str, float] = {}
+    for q in QUANTILES:
+        q_ref, q_est = _quantile(ref, q), _quantile(est, q)
+        out[f"{prefix}q{q}_input"] = q_ref
+        out[f"{prefix}q{q}_{name}"] = q_est
+        out[f"{prefix}q{q}_error"] = relative_error(q_est, q_ref)
+    mean_ref = float(ref.mean()) if ref.numel() else math.nan
+    mean_est = float(est.mean()) if est.numel() else math.nan
+    bias = mean_est - mean_ref
+    out[f"{prefix}mean_bias"] = bias if mean_ref == 0 else bias / mean_ref
+    out[f"{prefix}wet_fraction"] = float((est > 0).double().mean()) if est.numel() else math.nan
+    out[f"{prefix}observed_wet_fraction"] = (
+        float((ref > 0).double().mean()) if ref.numel() else math.nan
+    )
+    return out
+
+
+def psd_error(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """Mean over wavenumbers of |log10(P_estimate(k) / P_reference(k))|, P the radially
+    averaged spatial power spectrum (:func:`cloudburst.evaluation.spectra.radial_psd`) of
+    snapshots ``(..., y, x)`` (NaN pixels are filled with their snapshot's mean).
+
+    Wavenumbers where the reference has no power are left out; estimate power below
+    :data:`PSD_FLOOR` times the reference's largest counts as that. NaN where nothing is left.
+    """
+    ref_arr = np.asarray(reference, dtype=np.float64)
+    est_arr = np.asarray(estimate, dtype=np.float64)
+    est_arr = np.where(np.isfinite(est_arr), est_arr, np.nan)
+    if ref_arr.ndim < 2 or min(ref_arr.shape[-2:]) < 2:
+        return math.nan
+    try:
+        _, p_ref = radial_psd(ref_arr)
+        _, p_est = radial_psd(est_arr)
+    except ValueError:  # every snapshot of one side is entirely NaN
+        return math.nan
+    keep = np.isfinite(p_ref) & (p_ref > 0) & np.isfinite(p_est)
+    if not keep.any():
+        return math.nan
+    floor = PSD_FLOOR * float(p_ref[keep].max())
+    ratio = np.maximum(p_est[keep], floor) / p_ref[keep]
+    return float(np.mean(np.abs(np.log10(ratio))))
 
 
 @dataclass
@@ -58,11 +163,14 @@ def reconstruction_scores(
     prefix: str = "val_",
     batch_size: int = 64,
 ) -> Reconstruction:
-    """Reconstruct ``x`` (model space) and score it in physical units.
+    """Reconstruct ``x`` (model space) and score it in physical units on the valid pixels.
 
     Metrics: quantized MSE per non-empty bin of ``edges`` and its top 5 / 10 bins
-    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` (and 0.999),
-    and ``{prefix}active_units`` of the encoder means. ``model`` runs where its parameters are.
+    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` /
+    ``{prefix}q0.99_error`` (and 0.999), ``{prefix}mean_bias``, ``{prefix}wet_fraction``,
+    ``{prefix}observed_wet_fraction`` (:func:`distribution_scores`, reconstructions against
+    inputs) and ``{prefix}active_units`` of the encoder means. ``model`` runs where its
+    parameters are.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -78,9 +186,33 @@ def reconstruction_scores(
     mse, counts = quantized_mse(phys, phys_hat, edges_t, mask)
     metrics = qmse_metrics(mse, counts, prefix)
     valid = mask.to(torch.bool)
-    for q in QUANTILES:
-        metrics[f"{prefix}q{q}_input"] = float(torch.quantile(phys[valid].float(), q))
-        metrics[f"{prefix}q{q}_recon"] = float(torch.quantile(phys_hat[valid].float(), q))
+    metrics.update(distribution_scores(phys[valid], phys_hat[valid], prefix, "recon"))
     mu_all = torch.cat(mus)
     metrics[f"{prefix}active_units"] = float(active_units(mu_all)) if len(mu_all) > 1 else 0.0
     return Reconstruction(phys, phys_hat, mse, counts, metrics)
+
+
+@torch.no_grad()
+def sample_scores(
+    samples: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    transform: Any,
+    *,
+    prefix: str = "val_",
+) -> dict[str, float]:
+    """Samples (n, 1, time, y, x) against windows ``x`` (valid where ``mask``), both in model
+    space, scored in physical units (``transform``'s inverse, clipped at 0).
+
+    Metrics: those of :func:`distribution_scores` (the samples' quantiles named
+    ``{prefix}q{q}_sample``) on the valid window pixels and the finite sample values, and
+    ``{prefix}psd_spatial_error`` (:func:`psd_error` of the samples' time steps against the
+    windows', invalid pixels filled with their snapshot's mean).
+    """
+    phys_gen = physical(transform, samples)
+    phys_ref = physical(transform, x)
+    valid = mask.to(torch.bool).cpu()
+    metrics = distribution_scores(phys_ref[valid], phys_gen, prefix, "sample")
+    ref_nan = torch.where(valid, phys_ref, torch.full_like(phys_ref, math.nan))
+    metrics[f"{prefix}psd_spatial_error"] = psd_error(ref_nan.numpy(), phys_gen.numpy())
+    return metrics

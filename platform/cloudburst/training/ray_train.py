@@ -9,6 +9,7 @@ latest one, and ``FailureConfig`` restarts a failed worker group from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -133,7 +134,7 @@ def train_worker(config: dict[str, Any]) -> None:
             report["epoch"] = epoch
             if family.epoch_metrics is not None and probe is not None:
                 # the family's own scores on this rank's fixed probe windows
-                report.update(family.epoch_metrics(core, probe))
+                report.update(family.epoch_metrics(core, dataclasses.replace(probe, epoch=epoch)))
             if rank == 0 and family.epoch_warning is not None:
                 warning = family.epoch_warning(cfg.model, report)
                 if warning:

@@ -324,6 +324,13 @@ class TrainConfig(Strict):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    gpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        le=8,
+        description="GPUs per worker when on GPUs (a fraction shares one GPU between small "
+        "models, e.g. a sweep's trials); None: one",
+    )
     mixed_precision: bool = True
     max_failures: int = Field(2, ge=0)
     checkpoints_to_keep: int = Field(2, ge=1)

@@ -372,31 +372,15 @@ def _run(run_id: str | None, experiment: str) -> Iterator[str]:
             yield run.info.run_id
 
 
-def log_and_register(
+def log_model(
     packaged: PrecipitationModel,
     *,
-    name: str,
-    tags: Mapping[str, Any] | None = None,
-    alias: str | None = "candidate",
     run_id: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
-    tracking_uri: str | None = None,
-) -> tuple[str, str]:
-    """Log ``packaged`` as the pyfunc model ``model`` of a run, register it, tag and alias it.
-
-    The run: ``run_id``, else the active run, else a new run of ``experiment``. Version tags:
-    :func:`default_tags` updated with ``tags`` (pass ``dataset`` there). ``tracking_uri``, if
-    given, becomes MLflow's tracking and registry URI first. Returns (version,
-    ``models:/NAME/VERSION``). If anything fails once the version exists, the version is
-    deleted again (and the registered model too if this call created it and it is left empty),
-    then :class:`TrackingError` is raised.
-    """
-    if tracking_uri is not None:
-        check_tracking(tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    client = MlflowClient()
-    version_tags = {**default_tags(packaged), **{str(k): str(v) for k, v in (tags or {}).items()}}
+) -> str:
+    """Log ``packaged`` as the pyfunc model ``model`` of a run (``run_id``, else the active
+    run, else a new run of ``experiment``), unregistered; returns its ``models:/m-...`` URI
+    (register it later with :func:`register_model`)."""
     with tempfile.TemporaryDirectory(prefix="cloudburst-package-") as tmp:
         folder = packaged.save(Path(tmp) / PACKAGE_ARTIFACT)
         code = Path(tmp) / "cloudburst_model.py"
@@ -412,10 +396,26 @@ def log_and_register(
                 pip_requirements=_requirements(),
                 metadata={"cloudburst": packaged.metadata() | {"stats": None}},
             )
+    return str(info.model_uri)
+
+
+def register_model(
+    model_uri: str,
+    *,
+    name: str,
+    tags: Mapping[str, Any],
+    alias: str | None = "candidate",
+) -> tuple[str, str]:
+    """Register a logged model (:func:`log_model`) as a version of ``name`` with ``tags``
+    and ``alias``; returns (version, ``models:/NAME/VERSION``). If anything fails once the
+    version exists, the version is deleted again (and the registered model too if this call
+    created it and it is left empty), then :class:`TrackingError` is raised."""
+    client = MlflowClient()
+    version_tags = {str(k): str(v) for k, v in tags.items()}
     existed = _registered_model_exists(client, name)
     version: str | None = None
     try:
-        mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+        mv = mlflow.register_model(model_uri, name, tags=version_tags)
         version = str(mv.version)
         mv = client.get_model_version(name, version)
         if mv.status != "READY":
@@ -423,11 +423,38 @@ def log_and_register(
         if alias:
             client.set_registered_model_alias(name, alias, version)
     except Exception as exc:
-        _discard(client, name, info.model_uri, version, existed)
+        _discard(client, name, model_uri, version, existed)
         if isinstance(exc, TrackingError):
             raise
-        raise TrackingError(f"registering {info.model_uri} as {name!r} failed: {exc}") from exc
+        raise TrackingError(f"registering {model_uri} as {name!r} failed: {exc}") from exc
     return version, f"models:/{name}/{version}"
+
+
+def log_and_register(
+    packaged: PrecipitationModel,
+    *,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    alias: str | None = "candidate",
+    run_id: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+) -> tuple[str, str]:
+    """Log ``packaged`` as the pyfunc model ``model`` of a run, register it, tag and alias it.
+
+    The run: ``run_id``, else the active run, else a new run of ``experiment``. Version tags:
+    :func:`default_tags` updated with ``tags`` (pass ``dataset`` there). ``tracking_uri``, if
+    given, becomes MLflow's tracking and registry URI first. Returns (version,
+    ``models:/NAME/VERSION``); a failed registration leaves no version behind
+    (:func:`register_model`).
+    """
+    if tracking_uri is not None:
+        check_tracking(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    model_uri = log_model(packaged, run_id=run_id, experiment=experiment)
+    version_tags = {**default_tags(packaged), **{str(k): str(v) for k, v in (tags or {}).items()}}
+    return register_model(model_uri, name=name, tags=version_tags, alias=alias)
 
 
 def _registered_model_exists(client: MlflowClient, name: str) -> bool:

@@ -2,14 +2,17 @@
 
 ``jobs/train.py`` and the demo call :func:`run_training` (through
 ``cloudburst.evaluation.report.train_and_evaluate``, which adds the post-training evaluation);
-everything that can fail on a bad config fails in :func:`check` before a worker starts.
+a sweep's trial calls :func:`fit`, the same training without the registration. Everything
+that can fail on a bad config fails in :func:`check` before a worker starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
@@ -108,12 +111,8 @@ def start_local_ray(preferred_port: int = 8265) -> None:
             os.environ[key] = before
 
 
-def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
-    """Train ``cfg`` (already through :func:`check`) and register the best checkpoint.
-
-    The outcome carries the packaged model; its run has ended (log more to ``run_id``).
-    """
-    import mlflow
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local cluster (no-op when connected)."""
     import ray
 
     if not ray.is_initialized():
@@ -122,47 +121,89 @@ def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> Traini
             ray.init(address=address)
         else:
             start_local_ray()
+
+
+@dataclass
+class Fitted:
+    """A trained, packaged model and the metrics of the epoch whose checkpoint it holds."""
+
+    packaged: PrecipitationModel
+    metrics: dict[str, float]
+
+
+def fit(
+    cfg: TrainJobConfig,
+    sizes: dict[str, int],
+    uri: str,
+    *,
+    run_id: str,
+    callbacks: Sequence[Any] = (),
+) -> Fitted:
+    """Train ``cfg`` (already through :func:`check`) inside the active MLflow run ``run_id``
+    and package its best checkpoint with its dry threshold; nothing is registered.
+
+    ``callbacks``: Ray Train user callbacks of the trainer (a sweep's trial passes Tune's)."""
+    import mlflow
+    import ray
+
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= cfg.train.workers * (
+            cfg.train.gpus_per_worker or 1.0
+        )
+    tracking.log_config(cfg)
+    mlflow.log_params(
+        {
+            "train_windows": sizes["train_windows"],
+            "val_windows": sizes["val_windows"],
+            "use_gpu": use_gpu,
+        }
+    )
+    stats, scope = split_stats(cfg)  # the model never sees the test years' statistics
+    mlflow.log_params({"stats_scope": scope[:500], "stats_max": stats.max})
+    log.info("statistics of the %s", scope)
+    trainer = ray_train.make_trainer(
+        cfg,
+        use_gpu=use_gpu,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        train_stats=stats.to_dict(),
+        callbacks=callbacks,
+    )
+    result = trainer.fit()
+    best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"], default=None)
+    checkpoint = best[0] if best else result.checkpoint
+    metrics = dict(best[1]) if best else dict(result.metrics or {})
+    model = ray_train.load_checkpoint_model(cfg, checkpoint)
+    window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
+    packaged = PrecipitationModel(
+        model,
+        cfg.model.kind,
+        cfg.model,
+        window,
+        for_data(stats, cfg.data.scaling, cfg.data.transform),
+        {**stats.to_dict(), "scope": scope},
+    )
+    packaged.dry_threshold = dry_threshold(cfg, packaged)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return Fitted(packaged, numeric)
+
+
+def run_training(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
+    """Train ``cfg`` (already through :func:`check`) and register the best checkpoint.
+
+    The outcome carries the packaged model; its run has ended (log more to ``run_id``).
+    """
+    import mlflow
+
+    ensure_ray()
     with mlflow.start_run(run_name=cfg.run.name) as run:
-        tracking.log_config(cfg)
-        mlflow.log_params(
-            {
-                "train_windows": sizes["train_windows"],
-                "val_windows": sizes["val_windows"],
-                "use_gpu": use_gpu,
-            }
-        )
-        stats, scope = split_stats(cfg)  # the model never sees the test years' statistics
-        mlflow.log_params({"stats_scope": scope[:500], "stats_max": stats.max})
-        log.info("statistics of the %s", scope)
-        trainer = ray_train.make_trainer(
-            cfg,
-            use_gpu=use_gpu,
-            tracking_uri=uri,
-            mlflow_run_id=run.info.run_id,
-            train_stats=stats.to_dict(),
-        )
-        result = trainer.fit()
-        best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"], default=None)
-        checkpoint = best[0] if best else result.checkpoint
-        model = ray_train.load_checkpoint_model(cfg, checkpoint)
-        window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
-        packaged = PrecipitationModel(
-            model,
-            cfg.model.kind,
-            cfg.model,
-            window,
-            for_data(stats, cfg.data.scaling, cfg.data.transform),
-            {**stats.to_dict(), "scope": scope},
-        )
-        packaged.dry_threshold = dry_threshold(cfg, packaged)
+        fitted = fit(cfg, sizes, uri, run_id=run.info.run_id)
         version, model_uri = tracking.log_and_register(
-            packaged,
+            fitted.packaged,
             name=cfg.run.registered_model,
             run_id=run.info.run_id,
             tags={"dataset": cfg.data.store},
             experiment=cfg.run.experiment,
         )
-    return TrainingOutcome(model_uri, str(version), run.info.run_id, packaged=packaged)
+    return TrainingOutcome(model_uri, str(version), run.info.run_id, packaged=fitted.packaged)

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -284,9 +284,11 @@ def make_trainer(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     train_stats: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """The TorchTrainer for ``cfg`` (not started); rank 0 logs epochs to ``mlflow_run_id``.
-    ``train_stats``: the statistics the workers scale and bin with (default: the store's)."""
+    ``train_stats``: the statistics the workers scale and bin with (default: the store's);
+    ``callbacks``: Ray Train user callbacks (a sweep trial's ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -304,7 +306,7 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=cfg.train.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            resources_per_worker=worker_resources(cfg, use_gpu),
         ),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -315,8 +317,18 @@ def make_trainer(
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def worker_resources(cfg: TrainJobConfig, use_gpu: bool) -> dict[str, float]:
+    """What one training worker reserves: its CPUs and, on GPUs, ``train.gpus_per_worker``
+    (a fraction lets several small models share one GPU; None: a whole GPU)."""
+    resources = {"CPU": float(cfg.train.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(cfg.train.gpus_per_worker or 1.0)
+    return resources
 
 
 def load_checkpoint_model(cfg: TrainJobConfig, checkpoint: Any) -> torch.nn.Module:

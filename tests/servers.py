@@ -38,6 +38,16 @@ TEST_ENV = {
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
 }
 
+# what a job started as a subprocess gets beside the test's environment: a quiet local Ray
+# and MLflow (no usage statistics, telemetry or token auth)
+JOB_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+
 
 class ServerError(RuntimeError):
     """A test server could not be started; the message says why."""

@@ -15,6 +15,7 @@ from cloudburst.config import (
     job_config_class,
     load_config,
 )
+from cloudburst.tuning.config import SweepConfig
 
 JobConfig = config.DatasetJobConfig  # the dataset job config (embedded defaults)
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -100,7 +101,7 @@ JOB_CONFIGS = [p for p in sorted(CONFIGS.glob("*.yaml")) if p.name != "serve.yam
 def test_shipped_job_configs_are_valid(path):
     cls = job_config_class(path)
     cfg = load_config(cls, path)
-    assert cfg.name if cls is JobConfig else cfg.run.name
+    assert cfg.name if cls in (JobConfig, SweepConfig) else cfg.run.name
 
 
 def test_serve_deploy_config_is_not_taken_for_a_job():

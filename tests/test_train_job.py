@@ -12,19 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from servers import free_port, kill_processes_naming
+from servers import JOB_ENV, free_port, kill_processes_naming
 
 from cloudburst.config import SyntheticConfig
 from cloudburst.data.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-}
+ENV = JOB_ENV
 
 
 @pytest.fixture(scope="module")

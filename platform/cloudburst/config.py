@@ -457,9 +457,9 @@ registry.on_change(_rebuild_model_union)
 
 
 def job_config_class(path: str | Path) -> type[BaseModel]:
-    """The config model a YAML file is written for: a training job (it names ``train``,
-    ``model``, ``vae`` or ``run``) or a dataset job. A Ray Serve deploy file (it names
-    ``applications``) is refused with how to start it."""
+    """The config model a YAML file is written for: a sweep (it names ``space`` and
+    ``base``), a training job (it names ``train``, ``model``, ``vae`` or ``run``) or a dataset
+    job. A Ray Serve deploy file (it names ``applications``) is refused with how to start it."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -469,6 +469,10 @@ def job_config_class(path: str | Path) -> type[BaseModel]:
             f"{path} is a Ray Serve deploy config, not a job config: start it with "
             f"`serve run {path}` (or `serve deploy {path}` onto a running cluster)"
         )
+    if isinstance(tree, dict) and {"space", "base"} <= set(tree):
+        from cloudburst.tuning.config import SweepConfig
+
+        return SweepConfig
     if isinstance(tree, dict) and {"train", "model", "run", *registry.names()} & set(tree):
         return TrainJobConfig
     return DatasetJobConfig

@@ -42,6 +42,7 @@ from cloudburst.ensembles.condition import known_steps
 from cloudburst.ensembles.generate import generate, resolve
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.evaluation.conditional import baseline
+from cloudburst.tuning.guidance import fair_crps, seam_jump
 
 
 def wettest_windows(
@@ -67,20 +68,6 @@ def wettest_windows(
         if len(chosen) == count:
             break
     return chosen
-
-
-def fair_crps(members: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fair CRPS over pixels: E|X - y| - E|X - X'| / 2 with the m(m-1) estimator."""
-    m = members.shape[0]
-    skill = np.abs(members - truth[None]).mean(axis=0)
-    spread = np.abs(members[:, None] - members[None, :]).sum(axis=(0, 1)) / (m * (m - 1))
-    return float((skill - 0.5 * spread).mean())
-
-
-def seam_jump(x: np.ndarray, known: np.ndarray) -> float:
-    """Mean |x_t - x_(t-1)| over the steps t where known[t] != known[t-1]."""
-    seams = [t for t in range(1, len(known)) if known[t] != known[t - 1]]
-    return float(np.mean([np.abs(x[..., t, :, :] - x[..., t - 1, :, :]).mean() for t in seams]))
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ cftime times of that calendar.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ import numpy as np
 from cloudburst.ensembles.request import Scenario
 
 CONDITIONAL = ("interpolation", "forecast", "extension")
+# the registry version tag a guidance sweep (cloudburst.tuning.guidance) writes per scenario:
+# the engine's weight when a request gives none
+GUIDANCE_TAG = "guidance_{kind}"
 
 
 class ConditionError(ValueError):
@@ -204,3 +208,18 @@ def _iso(t: Any) -> str:
 
 def _plain(attrs: dict[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in attrs.items() if isinstance(v, str | int | float)}
+
+
+def tuned_weight(tags: dict[str, str], kind: str) -> float | None:
+    """The swept weight a version's tags give for scenario ``kind`` (extension takes the
+    forecast's), or None."""
+    for key in (kind, "forecast") if kind == "extension" else (kind,):
+        raw = tags.get(GUIDANCE_TAG.format(kind=key))
+        if raw is not None:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if math.isfinite(value) and value >= 0:
+                return value
+    return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from cloudburst.ensembles.condition import (
     known_steps,
     output_frames,
     read_condition,
+    tuned_weight,
 )
 from cloudburst.ensembles.proposals import (
     LatentProposal,
@@ -52,16 +53,17 @@ class ResolvedModel:
     uri: str  # as asked
     version_uri: str  # models:/NAME/VERSION, or the asked URI when not from the registry
     run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)  # the registered version's tags
 
 
 def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Load ``uri`` pinned to a version: an alias is resolved to the version it points at now."""
     try:
-        version_uri, run_id = tracking.pin(uri, tracking_uri)
+        version_uri, run_id, tags = tracking.pin_version(uri, tracking_uri)
     except tracking.TrackingError as exc:
         raise EnsembleError(str(exc)) from None
     packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
-    return ResolvedModel(packaged, uri, version_uri, run_id)
+    return ResolvedModel(packaged, uri, version_uri, run_id, tags)
 
 
 # ---------------------------------------------------------------------------------- draws
@@ -150,6 +152,7 @@ class Generator:
         self.latent = 0
         self.condition: Condition | None = None
         self.guidance = 0.0
+        self.guidance_source = ""
         self.sampler_settings = packaged.family.sampler_settings
         self.streams = not packaged.plays(LatentModel) or s.conditional
         if self.streams:
@@ -185,8 +188,13 @@ class Generator:
         s = request.scenario
         frames = packaged.window[0]
         self.guidance = float(packaged.config.get("guidance", 0.0))
+        self.guidance_source = "the model's default"
         if not s.conditional:
             return
+        swept = tuned_weight(self.model.tags, s.kind)
+        if swept is not None:  # a guidance sweep chose it for this version and scenario
+            self.guidance = swept
+            self.guidance_source = "the version's guidance sweep"
         try:
             known_steps(s, frames)  # checks every / context against the window
             self.observed = read_condition(
@@ -200,6 +208,7 @@ class Generator:
         self.window = (output_frames(s, frames), *packaged.window[1:])
         if s.guidance is not None:
             self.guidance = float(s.guidance)
+            self.guidance_source = "the request"
         if self.observed is not None:
             obs = self.observed
             unit = packaged.to_model_space(obs.values)
@@ -388,6 +397,7 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
     if s.conditional:
         frames = model.packaged.window[0]
         out["guidance"] = gen.guidance
+        out["guidance_source"] = gen.guidance_source
         if s.kind == "interpolation":
             out["known_steps"] = [int(i) for i in np.flatnonzero(known_steps(s, frames))]
         else:

@@ -43,7 +43,9 @@ __all__ = [
     "quantile_thresholds",
     "return_levels",
     "run_params",
+    "split_from",
     "top_windows",
+    "window_config",
 ]
 
 
@@ -75,7 +77,7 @@ def run_params(run_id: str | None, tracking_uri: str | None) -> dict[str, str]:
         return {}
 
 
-def _split_from(spec: str, params: dict[str, str]) -> tuple[SplitConfig, str, str]:
+def split_from(spec: str, params: dict[str, str]) -> tuple[SplitConfig, str, str]:
     """(split, part, description): the training run's split when ``spec`` names no scheme."""
     if "@" in spec or "data.split.scheme" not in params:
         split, part = parse_split(spec)
@@ -92,7 +94,8 @@ def _split_from(spec: str, params: dict[str, str]) -> tuple[SplitConfig, str, st
     return split, part, described
 
 
-def _window_config(window: tuple[int, int, int], params: dict[str, str]) -> WindowConfig:
+def window_config(window: tuple[int, int, int], params: dict[str, str]) -> WindowConfig:
+    """The training run's window settings (stride, filters) for windows of ``window``."""
     t, y, x = window
     if y != x:
         raise EvaluationError(f"windows must be square; the model's is {window}")
@@ -115,8 +118,8 @@ def observed_windows(
         ds, stats = open_store(request.data, opts)
     except (FileNotFoundError, storage.StorageError) as exc:
         raise EvaluationError(f"cannot open the data store {request.data}: {exc}") from None
-    wcfg = _window_config(window, params)
-    split, part, described = _split_from(request.split, params)
+    wcfg = window_config(window, params)
+    split, part, described = split_from(request.split, params)
     index = split_index(build_index(ds, wcfg), split, part)
     if len(index) == 0:
         raise EvaluationError(

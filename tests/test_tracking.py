@@ -263,7 +263,11 @@ def test_log_register_list_promote_and_load(store, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["name", "version", "aliases", "loss"]
     assert table[2].split()[:5] == ["precip-vae", "1", "champion", "rec+wqt", "100"]
-    assert cli.main(["models", "promote", "precip-vae", "2", "--tracking-uri", store]) == 0
+    # the gate cannot compare models of a made-up dataset: refused, then forced with a reason
+    assert cli.main(["models", "promote", "precip-vae", "2", "--tracking-uri", store]) == 2
+    assert "--force --reason" in capsys.readouterr().err
+    forced = ["models", "promote", "precip-vae", "2", "--tracking-uri", store, "--force"]
+    assert cli.main([*forced, "--reason", "the made-up dataset cannot be read"]) == 0
     assert "precip-vae@champion -> version 2 (was version 1)" in capsys.readouterr().out
 
 

@@ -244,15 +244,51 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
     from cloudburst import tracking
+    from cloudburst.config import StorageConfig
+    from cloudburst.evaluation.gate import GateError, promote_gated
+    from cloudburst.evaluation.request import EvaluationError
 
+    storage_cfg = StorageConfig(
+        endpoint_url=args.endpoint_url,
+        anon=args.anon,
+        options=apply_overrides({}, args.storage_option) if args.storage_option else {},
+    )
     try:
-        result = tracking.promote(
-            args.name, args.version, args.alias, tracking_uri=args.tracking_uri
+        verdict = promote_gated(
+            args.name,
+            args.version,
+            args.alias,
+            force=args.force,
+            reason=args.reason,
+            tracking_uri=args.tracking_uri,
+            data=args.data,
+            split=args.split,
+            samples=args.samples,
+            limit=args.limit,
+            members=args.members,
+            seed=args.seed,
+            out=args.out,
+            storage=storage_cfg,
         )
-    except tracking.TrackingError as exc:
+    except (tracking.TrackingError, GateError, EvaluationError, *USER_ERRORS) as exc:
         return _tracking_error(args, exc)
-    moved = f" (was version {result['previous']})" if result["previous"] else ""
-    print(f"{result['name']}@{result['alias']} -> version {result['version']}{moved}")
+    target = f"{verdict.name}@{verdict.alias}"
+    if verdict.status == "same":
+        print(f"{target} already points at version {verdict.version}; nothing to do")
+        return 0
+    for line in verdict.lines():
+        print(line)
+    if not verdict.promoted:
+        return _tracking_error(args, GateError(verdict.refusal()))
+    if verdict.status == "no-champion":
+        print(f"{target} pointed at no version: promoted without a comparison")
+    elif verdict.status == "forced":
+        what = "could not compare" if verdict.error else "refused"
+        print(f"gate {what}, promoted anyway (--force): {verdict.reason}")
+    else:
+        print("gate passed")
+    moved = f" (was version {verdict.champion})" if verdict.champion else ""
+    print(f"{target} -> version {verdict.version}{moved}")
     return 0
 
 
@@ -333,11 +369,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tracking-uri", help=uri_help)
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.set_defaults(func=cmd_models_list)
-    q = msub.add_parser("promote", help="point an alias (default: champion) at a version")
+    q = msub.add_parser(
+        "promote",
+        help="point an alias (default: champion) at a version if it passes the promotion gate",
+        description="Point ALIAS of NAME at VERSION. When ALIAS already points at a version, "
+        "both are evaluated together on the same split (cloudburst.evaluation.gate) and "
+        "VERSION is refused if it is worse beyond the tolerance on a gate metric of its "
+        "model family; --force --reason TEXT promotes it anyway. The verdict is recorded "
+        "as gate.* tags of VERSION.",
+    )
     q.add_argument("name", help="registered model name")
     q.add_argument("version", help="model version number")
     q.add_argument("--alias", default="champion")
     q.add_argument("--tracking-uri", help=uri_help)
+    q.add_argument("--force", action="store_true", help="promote even if refused (needs --reason)")
+    q.add_argument("--reason", help="why the gate is overridden (recorded on the version)")
+    q.add_argument("--data", help="store to evaluate on (default: the version's dataset tag)")
+    q.add_argument(
+        "--split",
+        default="test",
+        help="PART[@SCHEME] (default: test, the candidate's training split), e.g. test@seasons:5",
+    )
+    q.add_argument("--samples", type=int, default=256, help="generated windows per model (256)")
+    q.add_argument("--limit", type=int, default=256, help="observed windows, evenly spread (256)")
+    q.add_argument("--members", type=int, default=8, help="posterior draws per window (8)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--out", help="evaluation folder (default: outputs/promotion-gate/NAME-vV-vs-vC)"
+    )
+    _storage_flags(q)
     q.set_defaults(func=cmd_models_promote)
     return parser
 

@@ -327,10 +327,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, store,
     proc = sweep_job("--config", str(path))
     folder = tmp_path / "ray" / name
     try:
-        deadline = time.monotonic() + 600
+        # until the first trial is recorded finished (a hang ends at pytest-timeout's limit)
         while _terminated_trials(folder) < 1:
             assert proc.poll() is None, proc.stderr.read()[-4000:]
-            assert time.monotonic() < deadline, "no trial finished"
             time.sleep(1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-sweep

@@ -47,6 +47,24 @@ def summary(outcome: SweepOutcome, metric: str, bias: str | None) -> str:
     return "\n".join(lines)
 
 
+def holdout_table(rows: list[dict], metric: str, bias: str | None) -> str:
+    """The front's trials with their test-split scores of the objective and bias metrics."""
+    params = [k for k in rows[0] if k.startswith("param:")]
+    cols = ["trial_id", *params] + [
+        "test_" + m.removeprefix("val_") for m in (metric, bias) if m is not None
+    ]
+    lines = ["  " + "  ".join(f"{c.removeprefix('param:'):>14}" for c in cols)]
+    for row in rows:
+        cells = [row.get(c, "") for c in cols]
+        lines.append(
+            "  "
+            + "  ".join(
+                f"{v:>14.4g}" if isinstance(v, float) else f"{str(v)[-14:]:>14}" for v in cells
+            )
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     objective = outcome.sweep.objective
     print(summary(outcome, objective.metric, objective.bias_metric))
     print(f"selection: {outcome.selection.reason}")
+    if outcome.holdout:
+        print("the Pareto front and the best trial on the test split (held out from selection):")
+        print(holdout_table(outcome.holdout, objective.metric, objective.bias_metric))
     print(f"model: {outcome.model_uri or 'none registered'}")
     print(f"run: {outcome.parent_run_id}")
     return 0 if outcome.model_uri else 1

@@ -21,11 +21,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cloudburst.config import SyntheticConfig, TrainJobConfig, load_config
+from cloudburst.data.ingest import open_store
+from cloudburst.data.samples import split_windows
 from cloudburst.data.synthetic import write_synthetic
+from cloudburst.data.transforms import for_data
 from cloudburst.models import registry
+from cloudburst.models.package import PrecipitationModel
+from cloudburst.models.registry import EpochProbe
 from cloudburst.schema import ConfigError
 from cloudburst.tuning import space as space_mod
 from cloudburst.tuning.config import Objective, SweepConfig
+from cloudburst.tuning.holdout import holdout_metrics
 from cloudburst.tuning.selection import pareto_front, select
 from cloudburst.tuning.sweep import SweepError, prepare, table_csv
 from cloudburst.tuning.trial import MODEL_TAG, SWEEP_TAG, TRIAL_TAG
@@ -37,7 +43,8 @@ ENV = servers.JOB_ENV
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sweep") / "s.zarr")
-    write_synthetic(SyntheticConfig(nt=160, ny=16, nx=16), path, progress=False)
+    # 480 days: every split (train, val, and the test seasons the front is scored on) has windows
+    write_synthetic(SyntheticConfig(nt=480, ny=16, nx=16), path, progress=False)
     return path
 
 
@@ -70,6 +77,38 @@ def sweep_of(tmp: Path, store: str, **fields) -> SweepConfig:
 
 
 # ------------------------------------------------------------------------ config and checks
+
+
+def tiny_package(cfg: TrainJobConfig) -> PrecipitationModel:
+    """An untrained VAE of ``cfg`` packaged with its store's statistics."""
+    _, stats = open_store(cfg.data.store)
+    window = (cfg.data.windows.length, cfg.data.windows.size, cfg.data.windows.size)
+    network = registry.build("vae", cfg.model, window)
+    return PrecipitationModel(network, "vae", cfg.model, window, for_data(stats), stats)
+
+
+def test_holdout_scores_the_test_windows(tmp_path, store):
+    cfg = load_config(
+        TrainJobConfig, ROOT / "jobs/configs/vae-demo.yaml", tiny_base(tmp_path, store)
+    )
+    packaged = tiny_package(cfg)
+    test = holdout_metrics(packaged, cfg, limit=16)
+    assert {"test_qmse_top5", "test_mean_bias", "test_q0.999_error"} <= set(test)
+    assert not [k for k in test if not k.startswith("test_") or "qmse_bin" in k]
+    assert all(math.isfinite(test[k]) for k in ("test_qmse_top5", "test_mean_bias"))
+    # the same model on validation windows: other windows, other scores
+    val = registry.family("vae").epoch_metrics
+    data = split_windows(cfg, packaged.transform, 16, "val")
+    probe = EpochProbe(data["x"], data["mask"], packaged.transform, data["stats"].histogram_edges)
+    on_val = val(packaged.model, probe)
+    assert on_val["val_q0.999_input"] != test["test_q0.999_input"]
+
+
+def test_holdout_without_test_windows_is_named(tmp_path, store):
+    overrides = [*tiny_base(tmp_path, store), "data.split.scheme=none"]
+    cfg = load_config(TrainJobConfig, ROOT / "jobs/configs/vae-demo.yaml", overrides)
+    with pytest.raises(ValueError, match="no test windows"):
+        holdout_metrics(tiny_package(cfg), cfg, limit=16)
 
 
 def test_shipped_sweep_configs_load():
@@ -303,6 +342,14 @@ def test_asha_sweep_registers_the_best_and_stops_laggards(tmp_path, store, serve
         assert math.isfinite(r.data.metrics["val_qmse_top5"])
     artifacts = {a.path for a in client.list_artifacts(parent, "figures")}
     assert {"figures/pareto.png", "figures/parallel_coordinates.png"} <= artifacts
+    # the front's finished trials (the winner among them) scored on the held-out test split
+    assert "on the test split" in out, out
+    holdout = client.download_artifacts(parent, "holdout.csv", str(tmp_path))
+    held = list(csv.DictReader(io.StringIO(Path(holdout).read_text())))
+    assert best in {r["trial_id"] for r in held}, held
+    assert math.isfinite(client.get_run(winner.info.run_id).data.metrics["test_qmse_top5"])
+    stopped = {r["trial_id"] for r in table_rows if r["status"] != "finished"}
+    assert not stopped & {r["trial_id"] for r in held}
 
 
 def _terminated_trials(folder: Path) -> int:

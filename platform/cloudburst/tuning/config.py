@@ -15,6 +15,7 @@ config changed at the trial's point of the search space::
     concurrent: 2                             # trials at once
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
     objective: {metric: val_qmse_top5, mode: min, bias_metric: val_mean_bias, bias_bound: 0.2}
+    holdout: 256                              # test windows the front is scored on (0: none)
 
 The objective ranks trials on what the platform is for, the heavy tail in physical units
 (never a training loss, which lives in a different space for each bin count or input
@@ -111,6 +112,12 @@ class SweepConfig(Strict):
     resources: Resources = Field(default_factory=Resources)
     objective: Objective = Field(default_factory=Objective)
     run: SweepRun = Field(default_factory=SweepRun)
+    holdout: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="test-split windows the Pareto front is scored on at the end (0: none)",
+    )
 
     @model_validator(mode="after")
     def _search_fits_space(self) -> SweepConfig:

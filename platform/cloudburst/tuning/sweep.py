@@ -8,7 +8,9 @@ parent MLflow run (experiment ``cloudburst-sweeps``), runs the trials
 (:func:`cloudburst.tuning.trial.run_trial`, nested child runs), and when they are done logs
 the results table (CSV), the Pareto front of the tail objective against the bulk bias and a
 parallel-coordinates figure to the parent run, and registers the best finished trial's model
-with the alias ``candidate`` and tags naming the sweep. :func:`resume_sweep` continues a
+with the alias ``candidate`` and tags naming the sweep. The finished trials of the front are
+then scored on the base config's test split (:mod:`cloudburst.tuning.holdout`, the parent's
+``holdout.csv``), which the selection never saw. :func:`resume_sweep` continues a
 sweep whose driver died (``Tuner.restore``: finished trials are kept, errored ones retried).
 """
 
@@ -28,6 +30,7 @@ from cloudburst.models import registry
 from cloudburst.schema import ConfigError
 from cloudburst.tuning import space as space_mod
 from cloudburst.tuning.config import Asha, SweepConfig
+from cloudburst.tuning.holdout import score_holdout
 from cloudburst.tuning.selection import Selection, pareto_front, select
 from cloudburst.tuning.trial import (
     FINISHED,
@@ -82,6 +85,7 @@ class SweepOutcome:
     model_uri: str | None = None
     version: str | None = None
     figures: list[str] = field(default_factory=list)
+    holdout: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _base(sweep: SweepConfig) -> TrainJobConfig:
@@ -414,6 +418,13 @@ def _finish(prepared: Prepared, grid: Any, parent: str, experiment_id: str) -> S
             names.append(name)
     outcome = SweepOutcome(sweep, parent, rows, selection, figures=names)
     best = selection.best
+    if sweep.holdout:
+        scored = [r["trial_id"] for r in front] + ([best["trial_id"]] if best else [])
+        outcome.holdout = score_holdout(
+            rows, scored, prepared.base, tracking_uri=prepared.tracking_uri, limit=sweep.holdout
+        )
+        if outcome.holdout:
+            client.log_text(parent, table_csv(outcome.holdout), "holdout.csv")
     client.set_tag(parent, "cloudburst.sweep.selection", selection.reason)
     if best is not None and best.get("model_uri"):
         packaged = tracking.load_model(str(best["model_uri"]))

@@ -39,19 +39,54 @@ def job_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_job_config(cls: type, argv: list[str] | None, description: str) -> object:
-    """Parse ``--config`` and overrides into ``cls``; exits with status 2 on a bad config."""
+def nul_argument(argv: list[str] | None) -> str | None:
+    """The first argument holding a NUL byte (no path or value can), else None."""
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if "\x00" in a), None)
+
+
+def refuse_nul(argv: list[str] | None, name: str) -> None:
+    """Exit with status 2, saying which argument, when one holds a NUL byte."""
+    bad = nul_argument(argv)
+    if bad is not None:
+        print(
+            f"{name}: error: argument {bad!r} contains a NUL byte (\\x00); remove it",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+def load_job_config(
+    cls: type, argv: list[str] | None, description: str, name: str | None = None
+) -> object:
+    """Parse ``--config`` and overrides into ``cls``; exits with status 2 on a bad config,
+    printing ``NAME: error: ...`` (``NAME``: the job, e.g. ``train``) and one line per problem."""
     from cloudburst.config import ConfigError, load_config
 
-    args = job_parser(description).parse_args(argv)
+    parser = job_parser(description)
+    name = name or os.path.splitext(parser.prog)[0]
+    refuse_nul(argv, name)
+    args = parser.parse_args(argv)
     try:
         return load_config(cls, args.config, args.overrides)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def validation_lines(exc: object, flag_prefix: str = "") -> str:
-    """One indented line per pydantic validation error: ``  [prefix]field.path: message``."""
-    errors = exc.errors()  # type: ignore[attr-defined]
-    return "\n".join(f"  {flag_prefix}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    """One indented line per pydantic validation error: ``  [prefix]field.path: got VALUE;
+    message`` (with ``--`` as prefix, fields are spelled as flags: ``--chunk-mb``)."""
+    lines = []
+    for e in exc.errors():  # type: ignore[attr-defined]
+        field = ".".join(map(str, e["loc"])) or "(request)"
+        if flag_prefix == "--":
+            field = field.replace("_", "-")
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"  {flag_prefix}{field}: missing; it is required")
+            continue
+        if e["type"] == "finite_number":
+            msg = "must be a finite number (nan and inf are not allowed)"
+        lines.append(f"  {flag_prefix}{field}: got {e.get('input')!r}; {msg}")
+    return "\n".join(lines)

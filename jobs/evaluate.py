@@ -14,14 +14,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from pydantic import ValidationError
 
 import _common  # also puts the package on sys.path when run from a checkout
-from cloudburst import storage, tracking
-from cloudburst.ensembles.store import EnsembleStoreError
-from cloudburst.evaluation.evaluate import EvaluationError, EvaluationRequest, evaluate
+from cloudburst.evaluation.request import EvaluationRequest
+
+
+def _finite(text: str) -> float:
+    """A finite number (argparse type): ``nan`` and ``inf`` are refused with the flag named."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, e.g. 64 (got {text!r})")
+    return value
+
+
+def model_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` is not a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``)."""
+    body = uri.removeprefix("models:/") if uri.startswith("models:/") else ""
+    if not body:
+        return (
+            f"--model {uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    if "@" not in body and "/" not in body:
+        return (
+            f"--model {uri!r} names no version or alias; use models:/{body}@candidate "
+            f"or models:/{body}/1"
+        )
+    return None
 
 
 def parse(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
@@ -35,7 +60,7 @@ def parse(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     p.add_argument("--samples", type=int, help="generated windows per model (default 2000)")
     p.add_argument("--members", type=int, help="conditional members per window (default 16)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--chunk-mb", type=float, help="memory per verification tile (default 64)")
+    p.add_argument("--chunk-mb", type=_finite, help="memory per verification tile (default 64)")
     p.add_argument("--endpoint-url", help="object-store endpoint (S3/GCS emulators, MinIO)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="MLflow experiment (default: cloudburst-evaluation)")
@@ -59,6 +84,7 @@ def parse(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     _common.setup_logging()
+    _common.refuse_nul(argv, "evaluate")
     tree, args = parse(argv)
     try:
         request = EvaluationRequest.model_validate(tree)
@@ -68,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    problems = [p for p in map(model_uri_problem, request.models) if p]
+    if not request.models and not request.ensembles:
+        problems.append(
+            "nothing to evaluate: give at least one --model models:/NAME@ALIAS or --ensemble STORE"
+        )
+    if problems:  # before MLflow or any store is touched
+        print("evaluate: error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    # MLflow and the evaluation engine load only for a request that validates
+    from cloudburst import storage, tracking
+    from cloudburst.ensembles.store import EnsembleStoreError
+    from cloudburst.evaluation.evaluate import EvaluationError, evaluate
+
     try:
         uri = tracking.setup(args.tracking_uri, request.experiment)
         result = evaluate(request, tracking_uri=uri, progress=lambda m: print(f"evaluate: {m}"))

@@ -16,7 +16,7 @@ from cloudburst.data.prepare import prepare_dataset
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0])
+    cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0], "ingest")
     print(json.dumps(prepare_dataset(cfg), indent=2))
     return 0
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import setup_logging
+from _common import setup_logging, validation_lines
 from cloudburst.config import ConfigError, load_config
 from cloudburst.training.job import PREFLIGHT_ERRORS
 from cloudburst.tuning.config import SweepConfig
@@ -131,7 +131,9 @@ def guidance_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
         outcome = run_guidance_sweep(sweep)
     except ValidationError as exc:
-        print(f"sweep: error: {exc.errors()[0]['msg']}", file=sys.stderr)
+        print(
+            f"sweep: error: invalid guidance sweep:\n{validation_lines(exc, '--')}", file=sys.stderr
+        )
         return 2
     except (ValueError, TrackingError, *PREFLIGHT_ERRORS) as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)

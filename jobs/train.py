@@ -13,13 +13,15 @@ import sys
 
 from _common import load_job_config, setup_logging
 from cloudburst.config import TrainJobConfig
-from cloudburst.evaluation.report import train_and_evaluate
-from cloudburst.training.job import PREFLIGHT_ERRORS, check
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    cfg = load_job_config(TrainJobConfig, argv, __doc__.splitlines()[0])
+    cfg = load_job_config(TrainJobConfig, argv, __doc__.splitlines()[0], "train")
+    # Ray and MLflow load only for a config that validates
+    from cloudburst.evaluation.report import train_and_evaluate
+    from cloudburst.training.job import PREFLIGHT_ERRORS, check
+
     try:
         cfg, sizes, uri = check(cfg)
     except PREFLIGHT_ERRORS as exc:

@@ -74,8 +74,10 @@ def test_tuned_weight_reads_only_sane_tags():
 
 
 def test_guidance_sweep_settings_are_checked():
-    with pytest.raises(ValueError, match="finite and >= 0"):
+    with pytest.raises(ValueError, match="finite number"):
         GuidanceSweep(model="models:/m/1", weights=[1.0, math.inf])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        GuidanceSweep(model="models:/m/1", weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="kinds must be among"):
         GuidanceSweep(model="models:/m/1", kinds=["extreme"])
     with pytest.raises(ValueError, match="members must be in"):

@@ -46,8 +46,22 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def key_values(items: list[str], flag: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` arguments of ``flag`` as a mapping (values parsed as YAML)."""
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(
+                f"{flag} {item!r} is not of the form KEY=VALUE, e.g. {flag} {example}"
+            )
+    return apply_overrides({}, items)
+
+
 def options_for(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    extra = apply_overrides({}, args.storage_option) if args.storage_option else None
+    extra = (
+        key_values(args.storage_option, "--storage-option", "requester_pays=true")
+        if args.storage_option
+        else None
+    )
     return storage.storage_options(url, endpoint_url=args.endpoint_url, anon=args.anon, extra=extra)
 
 
@@ -131,8 +145,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_windows(args: argparse.Namespace) -> int:
-    opts = options_for(args.target, args)
-    ds, _ = open_store(args.target, opts)
     wc = validate(
         WindowConfig,
         {
@@ -145,6 +157,7 @@ def cmd_windows(args: argparse.Namespace) -> int:
         },
         "command line",
     )
+    ds, _ = open_store(args.target, options_for(args.target, args))
     index = build_index(ds, wc)
     if args.split:
         split, part = parse_split(args.split, val_fraction=args.val_fraction, seed=args.seed)
@@ -170,9 +183,9 @@ def cmd_windows(args: argparse.Namespace) -> int:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
+    cfg = validate(SyntheticConfig, key_values(args.set, "--set", "nt=730"), "--set")
     from cloudburst.data.synthetic import write_synthetic
 
-    cfg = validate(SyntheticConfig, apply_overrides({}, args.set), "--set")
     result = write_synthetic(
         cfg,
         args.target,
@@ -251,7 +264,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     storage_cfg = StorageConfig(
         endpoint_url=args.endpoint_url,
         anon=args.anon,
-        options=apply_overrides({}, args.storage_option) if args.storage_option else {},
+        options=key_values(args.storage_option, "--storage-option", "requester_pays=true"),
     )
     try:
         verdict = promote_gated(
@@ -399,12 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _storage_flags(q)
     q.set_defaults(func=cmd_models_promote)
+    for group in (sub, msub):  # a missing command is named by its choices, not its dest
+        group.metavar = "{" + ",".join(group.choices) + "}"
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     environment.apply_defaults()  # before a command loads Ray or MLflow; the user's values win
     environment.setup_logging()  # progress and warnings on stderr; results are printed
+    bad = next((a for a in (sys.argv[1:] if argv is None else argv) if "\x00" in a), None)
+    if bad is not None:  # no path, URL or value holds one; the OS would refuse it mid-command
+        print(
+            f"cloudburst: error: argument {bad!r} contains a NUL byte (\\x00); remove it",
+            file=sys.stderr,
+        )
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -6,8 +6,10 @@ the value given and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -47,6 +49,7 @@ __all__ = [
     "apply_overrides",
     "job_config_class",
     "load_config",
+    "read_tree",
     "validate",
 ]
 
@@ -238,7 +241,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
     """Apply ``a.b=value`` overrides (values parsed as YAML: numbers, lists, null...)."""
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. bins=64)")
+            example = f"{item}=VALUE" if re.fullmatch(r"[\w.]+", item) else "bins=64"
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. {example})")
         key, raw = item.split("=", 1)
         if not key.strip():
             raise ConfigError(f"override '{item}' has an empty key")
@@ -249,57 +253,165 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
 _UNION_MEMBER = re.compile(r"float|int|str|bool|literal\[.*\]")
 
 
-def _describe(errors: list[dict[str, Any]], source: str) -> str:
+def _tags(model: type[BaseModel]) -> set[str]:
+    """The values of a union member's tag field (``kind`` or ``type``)."""
+    out: set[str] = set()
+    for name in ("kind", "type"):
+        field = model.model_fields.get(name)
+        if field is not None and typing.get_origin(field.annotation) is Literal:
+            out.update(str(a) for a in typing.get_args(field.annotation))
+    return out
+
+
+def _nodes(annotation: Any) -> list[Any]:
+    """What a field holds: config models, and ``("items", [...])`` for a dict, list or tuple."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (dict, list, tuple) and args:
+        value = args[-1] if origin is not tuple else args[0]
+        return [("items", _nodes(value))]
+    return [node for arg in args for node in _nodes(arg)]
+
+
+def _fields_at(cls: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The field names of the section at ``loc`` of ``cls`` ([] where it cannot be told)."""
+    current: list[Any] = [cls]
+    for part in loc:
+        following: list[Any] = []
+        for node in current:
+            if isinstance(node, tuple):
+                following += node[1]
+            elif isinstance(part, str) and part in node.model_fields:
+                following += _nodes(node.model_fields[part].annotation)
+        if not following:  # the tag of a union: model.vae..., space.X.grid...
+            models = [n for n in current if not isinstance(n, tuple)]
+            following = [m for m in models if part in _tags(m) or part == m.__name__] or []
+            if not following and part in registry.names():
+                following = [registry.family(str(part)).config]
+        if not following:
+            return []
+        current = following
+    return sorted({f for n in current if not isinstance(n, tuple) for f in n.model_fields})
+
+
+def _unknown(cls: type[BaseModel] | None, loc: list[Any]) -> str:
+    """The message of an unknown field, with the closest known name where one is close."""
+    msg = "unknown field (check its spelling and section)"
+    if cls is None or not loc or not isinstance(loc[-1], str):
+        return msg
+    known = _fields_at(cls, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown field; did you mean {close[0]!r}?"
+    if known:
+        return f"{msg}; known here: {', '.join(known)}"
+    return msg
+
+
+def _describe(errors: list[dict[str, Any]], source: str, cls: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     kinds = set(registry.names(plugins=False))
     for err in errors:
-        loc = list(err["loc"])
+        raw = list(err["loc"])
+        loc = list(raw)
         if len(loc) > 1 and loc[0] == "model" and loc[1] in kinds:
             del loc[1]  # the union's tag: model.loss, not model.vae.loss
         # a plain union's member names (train.dry_threshold, not ...dry_threshold.float)
         loc = [p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
         field = ".".join(str(p) for p in loc) or "(top level)"
         given = err.get("input")
-        msg = err["msg"]
+        msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check its spelling and section)"
+            msg = _unknown(cls, raw)
+        elif err["type"] == "missing":
+            lines.append(f"  - {field}: missing; this field is required")
+            continue
+        elif err["type"] == "finite_number":
+            msg = "must be a finite number (nan and inf are not allowed)"
         elif err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             msg = f"allowed: {allowed}"
         elif err["type"] == "union_tag_invalid":
-            given = err.get("ctx", {}).get("tag", given)
-            msg = f"unknown model kind; known: {', '.join(sorted(kinds))}"
+            ctx = err.get("ctx", {})
+            given = ctx.get("tag", given)
+            if loc == ["model"]:
+                msg = f"unknown model kind; known: {', '.join(sorted(kinds))}"
+            else:  # another tagged section: a sweep's scheduler.kind, a domain's type
+                tag = str(ctx.get("discriminator", "kind")).strip("'")
+                msg = f"unknown {tag}; allowed: {ctx.get('expected_tags', '')}"
         lines.append(f"  - {field}: got {given!r}; {msg}")
     return "\n".join(lines)
 
 
 def validate(cls: type[M], tree: dict[str, Any], source: str = "config") -> M:
+    """``cls`` from ``tree``, or a :class:`ConfigError` with one line per problem."""
     registry.load_plugins()  # families of other packages join the model union first
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors(), source)) from None
+        raise ConfigError(_describe(exc.errors(), source, cls)) from None
+
+
+def _read_config(path: str | Path) -> str:
+    """The text of a config file, or a :class:`ConfigError` saying what to give instead."""
+    if "\x00" in str(path):
+        raise ConfigError(
+            f"cannot read config {str(path)!r}: the path contains a NUL byte (\\x00); "
+            "give the file's path without it"
+        )
+    try:
+        return Path(path).read_text()
+    except IsADirectoryError:
+        raise ConfigError(
+            f"cannot read config {path}: Is a directory; give the path of a YAML file"
+        ) from None
+    except FileNotFoundError:
+        raise ConfigError(
+            f"cannot read config {path}: No such file; check the path (relative to {Path.cwd()})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text; give a YAML file") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what: ``line 3, column 7: expected ',' or ']'``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        where += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
+    return where
+
+
+def read_tree(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML (or JSON) config file holds, or a :class:`ConfigError` naming what
+    is wrong with the file (missing, a folder, not YAML, not a mapping) and what to give."""
+    text = _read_config(path)
+    try:
+        loaded = _yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config {path} must be a mapping of fields (`key: value` lines), "
+            f"not a {type(loaded).__name__}"
+        )
+    return loaded or {}
 
 
 def load_config(
     cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> M:
     """Load ``cls`` from a YAML file (or its defaults if ``path`` is None) plus overrides."""
-    tree: dict[str, Any] = {}
-    source = "embedded defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            loaded = _yaml(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of fields, not {type(loaded)}")
-        tree = loaded or {}
+    tree = read_tree(path) if path is not None else {}
+    source = str(path) if path is not None else "embedded defaults"
     tree = apply_overrides(tree, overrides)
     return validate(cls, tree, source)
 
@@ -462,8 +574,8 @@ def job_config_class(path: str | Path) -> type[BaseModel]:
     job. A Ray Serve deploy file (it names ``applications``) is refused with how to start it."""
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc}") from None
     if isinstance(tree, dict) and "applications" in tree:
         raise ConfigError(
             f"{path} is a Ray Serve deploy config, not a job config: start it with "

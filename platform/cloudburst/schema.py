@@ -1,4 +1,5 @@
-"""The base of every config model: unknown fields are errors, assignments are validated."""
+"""The base of every config model: unknown fields are errors, assignments are validated, and a
+float must be a finite number (``nan``, ``inf`` and ``.inf`` are refused where one is meant)."""
 
 from __future__ import annotations
 
@@ -12,4 +13,4 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -21,7 +21,7 @@ class EvaluationError(ValueError):
 class EvaluationRequest(BaseModel):
     """What to evaluate, against which data, and how much of it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     models: list[str] = Field(default_factory=list, description="models:/NAME@ALIAS or /VERSION")
     ensembles: list[str] = Field(default_factory=list, description="complete ensemble stores")

@@ -24,11 +24,11 @@ import argparse
 import json
 import sys
 
-import yaml
 from pydantic import ValidationError
 
 import _common  # also puts the package on sys.path when run from a checkout
 from cloudburst import storage, tracking
+from cloudburst.config import ConfigError, read_tree
 from cloudburst.ensembles.generate import EnsembleError, generate
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStoreError
@@ -65,8 +65,7 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
     args = p.parse_args(argv)
     tree: dict = {}
     if args.request:
-        with open(args.request) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = read_tree(args.request)
     for key in (
         "model",
         "members",
@@ -103,7 +102,11 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     _common.setup_logging()
-    tree, tracking_uri = parse(argv)
+    try:
+        tree, tracking_uri = parse(argv)
+    except ConfigError as exc:
+        print(f"ensemble: error: {exc}", file=sys.stderr)
+        return 2
     try:
         request = EnsembleRequest.model_validate(tree)
     except ValidationError as exc:
@@ -115,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(request, tracking_uri=uri, progress=True)
     except (EnsembleError, EnsembleStoreError, storage.StorageError, tracking.TrackingError) as exc:
         print(f"ensemble: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that still failed once its retries were spent
+        print(
+            f"ensemble: error: {storage.gave_up('writing', request.output, exc)}", file=sys.stderr
+        )
+        print("ensemble: re-run the same command to finish it", file=sys.stderr)
         return 2
     rate = result.members / result.seconds if result.seconds > 0 else float("inf")
     print(

@@ -9,15 +9,32 @@ Storage options come from (highest first) explicit arguments, then the environme
 - ``CLOUDBURST_ENDPOINT_URL``: endpoint of an S3- or GCS-compatible server;
 - ``CLOUDBURST_ANON``: ``1``/``true`` for anonymous (public bucket) access.
 
+Retries are bounded, and every retry is logged (WARNING, logger ``cloudburst.storage``):
+
+- ``CLOUDBURST_STORAGE_ATTEMPTS`` (default 5): attempts botocore makes of one S3 request
+  (the first included), in ``CLOUDBURST_STORAGE_RETRY_MODE`` (``standard``, the default, or
+  ``adaptive``): 5xx answers, throttling and dropped connections are retried with capped
+  exponential backoff. s3fs repeats a request that still failed at the connection level or
+  was throttled (``SlowDown``) up to :data:`S3FS_REPEATS` times, so such a request is sent
+  at most ``S3FS_REPEATS x attempts`` times;
+- gcsfs makes at most :data:`GCSFS_ATTEMPTS` attempts of a GCS request (fixed by gcsfs),
+  each bounded by ``CLOUDBURST_STORAGE_TIMEOUT_S`` (default 60 s, also S3's read timeout).
+
+The libraries retry inside their own calls and note it at DEBUG only; :func:`log_retries`
+(installed on import) turns those notes into WARNINGs; an operation that still fails once
+its retries are spent raises :class:`StorageError` naming the store and this policy.
+
 Credentials themselves are left to the usual mechanisms (``AWS_ACCESS_KEY_ID``, application
 default credentials, ...).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from cloudburst import environment, netcheck
@@ -29,12 +46,108 @@ environment.apply_defaults(environment.IMPORT)
 
 import fsspec  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 REMOTE_PROTOCOLS = ("s3", "gs", "gcs")
 CONNECT_TIMEOUT_S = 3.0
+ATTEMPTS_ENV = "CLOUDBURST_STORAGE_ATTEMPTS"
+RETRY_MODE_ENV = "CLOUDBURST_STORAGE_RETRY_MODE"
+TIMEOUT_ENV = "CLOUDBURST_STORAGE_TIMEOUT_S"
+DEFAULT_ATTEMPTS = 5
+DEFAULT_RETRY_MODE = "standard"
+DEFAULT_TIMEOUT_S = 60.0
+RETRY_MODES = ("standard", "adaptive")
+S3FS_REPEATS = 5  # s3fs.S3FileSystem.retries: its own loop around botocore's
+GCSFS_ATTEMPTS = 6  # gcsfs.retry.retry_request's default, used by every GCS request
 
 
 class StorageError(RuntimeError):
     """A store or object location cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often one object-store request is tried before its error is raised."""
+
+    attempts: int  # botocore's total attempts of an S3 request
+    mode: str  # botocore retry mode: standard or adaptive
+    timeout_s: float  # read timeout (S3), request timeout (GCS)
+
+    def describe(self, url: str) -> str:
+        if protocol_of(url) == "gs":
+            return f"gcsfs: up to {GCSFS_ATTEMPTS} attempts per request"
+        return (
+            f"botocore {self.mode} mode: up to {self.attempts} attempts per request "
+            f"({ATTEMPTS_ENV}), repeated up to {S3FS_REPEATS} times by s3fs on dropped "
+            "connections and throttling"
+        )
+
+
+def retry_policy() -> RetryPolicy:
+    """The retry policy from the environment (see the module doc); bad values raise."""
+    raw = os.environ.get(ATTEMPTS_ENV, str(DEFAULT_ATTEMPTS))
+    mode = os.environ.get(RETRY_MODE_ENV, DEFAULT_RETRY_MODE).strip().lower()
+    raw_timeout = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        attempts, timeout_s = int(raw), float(raw_timeout)
+    except ValueError:
+        attempts, timeout_s = 0, 0.0
+    if attempts < 1 or attempts > 20 or mode not in RETRY_MODES or not timeout_s > 0:
+        raise StorageError(
+            f"bad retry settings: {ATTEMPTS_ENV}={raw!r} (an integer 1..20), "
+            f"{RETRY_MODE_ENV}={mode!r} (one of {', '.join(RETRY_MODES)}), "
+            f"{TIMEOUT_ENV}={raw_timeout!r} (seconds > 0)"
+        )
+    return RetryPolicy(attempts, mode, timeout_s)
+
+
+class _RetryNotes(logging.Filter):
+    """Sits on a library's logger: re-logs its DEBUG notes of a retry as WARNINGs of
+    ``cloudburst.storage`` and lets through only what the logger showed before."""
+
+    def __init__(self, name: str, markers: tuple[str, ...], shown_from: int) -> None:
+        super().__init__()
+        self.source, self.markers, self.shown_from = name, markers, shown_from
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(m in str(record.msg) for m in self.markers):
+            log.warning("object store request failed (%s): %s", self.source, record.getMessage())
+        return record.levelno >= self.shown_from
+
+
+_RETRY_LOGGERS = {
+    "botocore.retries.standard": ("Retry needed", "retry quota reached", "Max attempts"),
+    "botocore.retries.adaptive": ("Retry needed",),
+    "s3fs": ("Retryable error",),
+    "gcsfs": ("retrying after exception",),
+}
+
+
+def log_retries() -> None:
+    """Make the retries s3fs, botocore and gcsfs do inside their calls visible (idempotent)."""
+    for name, markers in _RETRY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if any(isinstance(f, _RetryNotes) for f in logger.filters):
+            continue
+        shown_from = logger.getEffectiveLevel()
+        logger.addFilter(_RetryNotes(name, markers, shown_from))
+        if shown_from > logging.DEBUG:
+            logger.setLevel(logging.DEBUG)
+
+
+log_retries()
+
+
+def gave_up(action: str, url: str, exc: BaseException) -> StorageError:
+    """The error for ``action`` on ``url`` (e.g. "writing") that still failed once the
+    retries of its requests were spent: names the store, the retry policy and the cause."""
+    try:
+        policy = retry_policy().describe(url)
+    except StorageError as bad:
+        policy = str(bad)
+    return StorageError(
+        f"{action} {url} failed after retries ({policy}): {type(exc).__name__}: {exc}"
+    )
 
 
 def protocol_of(url: str) -> str:
@@ -72,22 +185,25 @@ def storage_options(
     if anon is None and "CLOUDBURST_ANON" in os.environ:
         anon = _truthy(os.environ["CLOUDBURST_ANON"])
     opts: dict[str, Any] = {}
+    if proto in ("s3", "gs"):
+        policy = retry_policy()
     if proto == "s3":
         if endpoint_url:
             opts["endpoint_url"] = endpoint_url
         if anon:
             opts["anon"] = True
-        # fail fast instead of botocore's long default retry/timeout ladder
+        # a bounded retry policy (module doc) instead of botocore's legacy defaults
         opts["config_kwargs"] = {
             "connect_timeout": CONNECT_TIMEOUT_S,
-            "read_timeout": 60,
-            "retries": {"max_attempts": 2, "mode": "standard"},
+            "read_timeout": policy.timeout_s,
+            "retries": {"total_max_attempts": policy.attempts, "mode": policy.mode},
         }
     elif proto == "gs":
         if endpoint_url:
             opts["endpoint_url"] = endpoint_url
         if anon:
             opts["token"] = "anon"
+        opts["requests_timeout"] = policy.timeout_s
         if endpoint_url and "project" not in (extra or {}):
             opts["project"] = os.environ.get("GOOGLE_CLOUD_PROJECT", "cloudburst")
     opts.update(extra or {})
@@ -143,10 +259,15 @@ def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
     bucket = path.split("/", 1)[0]
     try:
         ok = fs.exists(bucket)
+        if not ok:  # exists() answers False for any failure: ask again, letting errors out
+            fs.invalidate_cache(bucket)
+            fs.ls(bucket)
+    except FileNotFoundError:
+        ok = False
     except Exception as exc:  # noqa: BLE001 - any client error means the bucket is unusable
         raise StorageError(
-            f"cannot access bucket '{bucket}' of {url}: {type(exc).__name__}: {exc}. "
-            "Check credentials, endpoint and anonymous-access settings."
+            f"cannot access bucket '{bucket}': {gave_up('reading', url, exc)}. "
+            "Check the server, credentials, endpoint and anonymous-access settings."
         ) from exc
     if not ok:
         raise StorageError(
@@ -173,20 +294,32 @@ def exists(url: str, options: dict[str, Any] | None = None) -> bool:
 
 
 def read_bytes(url: str, options: dict[str, Any] | None = None) -> bytes:
+    """The object at ``url``; FileNotFoundError if absent, StorageError once retries are spent."""
     fs, path = filesystem(url, options)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except OSError as exc:
+        if not is_remote(url):
+            raise
+        raise gave_up("reading", url, exc) from exc
 
 
 def write_bytes_atomic(url: str, data: bytes, options: dict[str, Any] | None = None) -> None:
     """Write ``data`` so that readers see either the old object or the whole new one.
 
     Locally: a temporary file in the same folder, fsynced, then renamed over the target.
-    On object storage a single PUT is already atomic.
+    On object storage a single PUT (or a multipart upload, completed last) is already atomic;
+    a write that still fails after its retries raises :class:`StorageError`.
     """
     if is_remote(url):
         fs, path = filesystem(url, options)
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except OSError as exc:
+            raise gave_up("writing", url, exc) from exc
         return
     path = os.path.abspath(local_path(url))
     folder = os.path.dirname(path)

@@ -16,9 +16,12 @@ CF numbers with ``units`` and ``calendar`` attributes and reads back as the same
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time as _time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +33,8 @@ from cloudburst import markers, storage
 from cloudburst.config import IngestConfig
 from cloudburst.data import calendars
 from cloudburst.data.sources import PRECIP, SourceError, open_source
+
+log = logging.getLogger(__name__)
 
 MARKER = markers.MARKER
 LEGACY_MARKER = ".cloudburst-complete.json"  # where stores before format 1.1 kept it
@@ -210,6 +215,17 @@ def _looks_like_zarr(target: str, options: dict[str, Any] | None) -> bool:
     return storage.exists(storage.join(target, "zarr.json"), options)
 
 
+@contextlib.contextmanager
+def _writing(target: str) -> Iterator[None]:
+    """A failed write to object storage (retries spent) raised as a StorageError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if not storage.is_remote(target) or isinstance(exc, FileNotFoundError):
+            raise
+        raise storage.gave_up("writing the store", target, exc) from exc
+
+
 @dataclass
 class IngestResult:
     target: str
@@ -314,33 +330,38 @@ def ingest(
         template.variables[name].load()
     acc = StatsAccumulator()
     try:
-        template.to_zarr(
-            zarr_target,
-            mode="w",
-            compute=False,
-            zarr_format=3,
-            encoding=encoding,
-            consolidated=False,
-            storage_options=so,
-        )
+        with _writing(target):
+            template.to_zarr(
+                zarr_target,
+                mode="w",
+                compute=False,
+                zarr_format=3,
+                encoding=encoding,
+                consolidated=False,
+                storage_options=so,
+            )
         step = layout["time"] * max(1, WRITE_BLOCK_BYTES // (4 * ny * nx * layout["time"]))
         bar = tqdm(total=nt, desc=f"ingest {target}", unit="step", disable=not progress)
         for a in range(0, nt, step):
             b = min(nt, a + step)
             block = ds.isel(time=slice(a, b)).drop_vars(region_vars).load()
             acc.add(block[PRECIP].values)
-            block.to_zarr(
-                zarr_target,
-                region={"time": slice(a, b)},
-                zarr_format=3,
-                consolidated=False,
-                storage_options=so,
-            )
+            with _writing(target):
+                block.to_zarr(
+                    zarr_target,
+                    region={"time": slice(a, b)},
+                    zarr_format=3,
+                    consolidated=False,
+                    storage_options=so,
+                )
             bar.update(b - a)
         bar.close()
         stats = acc.finish(bins, units=ds[PRECIP].attrs.get("units", ""))
     except BaseException:
-        storage.remove(target, target_options)
+        try:
+            storage.remove(target, target_options)
+        except Exception as exc:  # noqa: BLE001 - the write's own error is the one to raise
+            log.warning("could not remove the incomplete store %s: %s", target, exc)
         raise
     record = {
         "fingerprint": fingerprint,

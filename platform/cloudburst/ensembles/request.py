@@ -6,13 +6,33 @@ validate alike and every refusal names the field, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cloudburst.config import StorageConfig
 
 MAX_MEMBERS = 10_000_000
+MAX_LATENT = 4096  # numbers of a latent direction, at most
+MAX_URL_CHARS = 1024
+MAX_NAME_BYTES = 255
+
+
+def check_place(field: str, url: str) -> str:
+    """Refuse a store URL that no filesystem or object store takes: a NUL byte, more than
+    ``MAX_URL_CHARS`` characters, a path component of more than ``MAX_NAME_BYTES`` bytes."""
+    if "\x00" in url:
+        raise ValueError(f"{field} contains a NUL byte; remove it")
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"{field} is {len(url)} characters long; at most {MAX_URL_CHARS}")
+    longest = max((len(part.encode()) for part in url.split("/")), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{field} has a path component of {longest} bytes; at most {MAX_NAME_BYTES} per "
+            "folder or file name"
+        )
+    return url
 
 
 class Condition(BaseModel):
@@ -21,10 +41,21 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(min_length=1, description="ingested Zarr store URL: path, s3://, gs://")
-    time: str = Field(min_length=1, description="ISO time of the window's first step")
-    y: int = Field(0, ge=0, description="first grid row of the window")
-    x: int = Field(0, ge=0, description="first grid column of the window")
+    data: str = Field(
+        min_length=1,
+        max_length=MAX_URL_CHARS,
+        description="ingested Zarr store URL: path, s3://, gs://",
+    )
+    time: str = Field(
+        min_length=1, max_length=64, description="ISO time of the window's first step"
+    )
+    y: int = Field(0, ge=0, le=1_000_000, description="first grid row of the window")
+    x: int = Field(0, ge=0, le=1_000_000, description="first grid column of the window")
+
+    @field_validator("data")
+    @classmethod
+    def _place(cls, value: str) -> str:
+        return check_place("data", value)
 
 
 CONDITIONAL_KINDS = ("interpolation", "forecast", "extension")
@@ -61,7 +92,7 @@ class Scenario(BaseModel):
     members whose window has a pixel at or above it (rejection; acceptance rate recorded).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = (
         "unconditional"
@@ -69,7 +100,9 @@ class Scenario(BaseModel):
     proposal: Literal["shift", "tail"] = "shift"
     tail_quantile: float = Field(0.99, gt=0.0, lt=1.0)
     shift: float = Field(3.0, gt=0.0, le=20.0)
-    direction: list[float] | None = None
+    direction: list[float] | None = Field(
+        None, min_length=1, max_length=MAX_LATENT, description="exactly the model's latent size"
+    )
     defensive: float = Field(0.1, gt=0.0, le=1.0)
     threshold: float | None = Field(None, ge=0.0)
     threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
@@ -79,6 +112,19 @@ class Scenario(BaseModel):
     every: int = Field(2, ge=2)
     length: int | None = Field(None, ge=1, le=100_000)
     guidance: float | None = Field(None, ge=0.0)
+
+    @field_validator("direction")
+    @classmethod
+    def _nonzero(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return value
+        norm = math.sqrt(math.fsum(v * v for v in value))
+        if not (norm > 0.0 and math.isfinite(norm)):
+            raise ValueError(
+                "the direction normalises to zero (or overflows): give numbers of ordinary "
+                "size with at least one not 0, or leave direction out to use the decoder's"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -117,12 +163,18 @@ class Scenario(BaseModel):
 class EnsembleRequest(BaseModel):
     """An ensemble: ``members`` windows of ``model`` into the Zarr store ``output``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION")
+    model: str = Field(
+        min_length=1, max_length=1024, description="models:/NAME@ALIAS, models:/NAME/VERSION"
+    )
     members: int = Field(ge=1, le=MAX_MEMBERS)
     seed: int = Field(0, ge=0, lt=2**63)
-    output: str = Field(min_length=1, description="Zarr store URL: local path, s3://, gs://")
+    output: str = Field(
+        min_length=1,
+        max_length=MAX_URL_CHARS,
+        description="Zarr store URL: local path, s3://, gs://",
+    )
     scenario: Scenario = Field(default_factory=Scenario)
     batch_size: int = Field(64, ge=1, le=4096, description="members decoded per model call")
     chunk_members: int = Field(256, ge=1, le=100_000, description="members per Zarr chunk")
@@ -133,7 +185,19 @@ class EnsembleRequest(BaseModel):
         None, description="diffusion models: sampler (default the model's)"
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="the endpoint: seconds the job may take from submission (at most the "
+        "server's job_deadline_s); batch runs ignore it",
+    )
+
+    @field_validator("output")
+    @classmethod
+    def _place(cls, value: str) -> str:
+        return check_place("output", value)
 
     def identity(self) -> dict[str, object]:
-        """What fixes the bytes of the store (not where it goes or how it is reached)."""
-        return self.model_dump(mode="json", exclude={"output", "storage"})
+        """What fixes the bytes of the store (not where it goes, how it is reached or how
+        long it may take)."""
+        return self.model_dump(mode="json", exclude={"output", "storage", "deadline_s"})

@@ -1,17 +1,25 @@
 """The ensemble endpoint: a Ray Serve application with a FastAPI ingress.
 
-    POST /v1/ensembles        an EnsembleRequest (JSON) -> 202 {"id", "status", "output"}
-    GET  /v1/ensembles/{id}   status, members done, output URL, error
-    GET  /v1/models           registered models, versions and aliases
-    GET  /healthz             liveness
+    POST   /v1/ensembles              an EnsembleRequest (JSON) -> 202 {"id", "status", "output"}
+    GET    /v1/ensembles/{id}         status, members done, output URL, error
+    DELETE /v1/ensembles/{id}         cancel (also POST /v1/ensembles/{id}/cancel)
+    GET    /v1/models                 registered models, versions and aliases
+    GET    /healthz                   liveness
 
-The ingress (``EnsembleAPI``) validates, pins the model alias to a version, records the job in
-the state store and hands it to ``EnsembleGenerator`` replicas without waiting: they load models
-from the MLflow registry by URI (multiplexed, least recently used evicted), run the engine of
-``cloudburst.ensembles.generate`` in a worker thread, and record progress per chunk. Job state
-lives in the state store (files, local or object storage), never only in memory: a replica
-that dies mid-request is replaced and the job re-driven, and the engine writes only the chunks
-that are missing, so the store ends with every member once and the same bytes.
+The ingress (``EnsembleAPI``) reads the body within bounds (size, nesting, finite numbers),
+validates it, checks it against the server's limits and places (``settings``), pins the model
+alias to a version, records the job in the state store (``jobs``) and hands it to
+``EnsembleGenerator`` replicas without waiting: they load models from the MLflow registry by URI
+(multiplexed, least recently used evicted), run the engine of ``cloudburst.ensembles.generate``
+in a worker thread and record progress per chunk, stopping at the next chunk once the job is
+cancelled or past its deadline. Job state lives in the state store, never only in memory: a
+replica that dies mid-request is replaced and the job driven again (up to ``max_attempts``),
+and the engine writes only the chunks that are missing, so the store ends with every member
+once and the same bytes. Every job ends done, failed or cancelled.
+
+Object storage is reached with the server's storage settings of the prefix a place lies in;
+a request carrying its own ``storage`` is refused. Messages name places as the caller wrote
+them, or by prefix, never by the server's absolute paths or storage endpoints.
 
 ``build(args)`` is the application builder that ``serve run`` / ``serve deploy`` call with the
 ``args`` of a Serve config (see jobs/configs/serve.yaml); :class:`ServeSettings` lists them.
@@ -20,7 +28,7 @@ that are missing, so the store ends with every member once and the same bytes.
 import asyncio
 import dataclasses
 import hmac
-import json
+import logging
 import os
 import time
 import uuid
@@ -28,148 +36,43 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
 
 from cloudburst import storage, tracking
+from cloudburst.config import StorageConfig
+from cloudburst.serving.body import parse_json, read_body
+from cloudburst.serving.jobs import (
+    JOB_ID,
+    TERMINAL,
+    JobStopped,
+    JobStore,
+    deadline_message,
+)
+from cloudburst.serving.settings import ApiError, ServeSettings
 
-TERMINAL = ("done", "failed")
+__all__ = ["TERMINAL", "ApiError", "EnsembleAPI", "EnsembleGenerator", "ServeSettings", "build"]
+
+log = logging.getLogger(__name__)
+
 # models kept loaded per generator replica (least recently used evicted); read at import,
 # since Serve fixes the multiplexing bound when the deployment class is defined
 MODELS_PER_REPLICA = int(os.environ.get("CLOUDBURST_MODELS_PER_REPLICA", "2"))
 API_KEY_HEADER = "X-API-Key"
+DEADLINE_GRACE_S = 60.0  # the ingress stops waiting this long after a job's deadline
 
 
-class ServeSettings(BaseModel):
-    """What the endpoint is allowed to do; the ``args`` of the Serve config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    root: str | None = Field(
-        None, description="folder that relative local paths mean (default: where build runs)"
-    )
-    tracking_uri: str | None = None
-    state_url: str = "outputs/serve/state"
-    allowed_prefixes: list[str] = Field(default_factory=lambda: ["outputs/ensembles"])
-    data_prefixes: list[str] = Field(
-        default_factory=lambda: ["outputs"],
-        description="stores that conditional scenarios may read their observed window from",
-    )
-    api_key: str | None = Field(None, description="required in X-API-Key when set")
-    api_key_env: str = "CLOUDBURST_API_KEY"
-    max_members: int = Field(1_000_000, ge=1)
-    max_batch_size: int = Field(1024, ge=1)
-    max_chunk_members: int = Field(10_000, ge=1)
-    max_queue: int = Field(16, ge=1, description="jobs in flight per ingress replica; then 429")
-    max_attempts: int = Field(5, ge=1, description="drives of a job whose replica died")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-    def key(self) -> str | None:
-        return self.api_key or os.environ.get(self.api_key_env) or None
-
-    def prefixes(self) -> list[str]:
-        return [_normal(self.absolute(p)) for p in self.allowed_prefixes]
-
-    def readable(self, url: str) -> bool:
-        """Whether a request may condition on the store ``url``."""
-        target = _normal(self.absolute(url))
-        return any(target.startswith(_normal(self.absolute(p))) for p in self.data_prefixes)
-
-    def absolute(self, url: str) -> str:
-        """``url`` with a relative local path taken under ``root`` (replicas' working
-        directories are not the caller's)."""
-        if storage.is_remote(url):
-            return url
-        return os.path.normpath(os.path.join(self.root or os.getcwd(), storage.local_path(url)))
-
-    def resolved(self) -> "ServeSettings":
-        """Paths and the tracking URI fixed where ``build`` runs, for every replica alike."""
-        root = os.path.abspath(self.root or os.getcwd())
-        out = self.model_copy(update={"root": root})
-        return out.model_copy(
-            update={
-                "state_url": out.absolute(self.state_url),
-                "allowed_prefixes": [out.absolute(p) for p in self.allowed_prefixes],
-                "data_prefixes": [out.absolute(p) for p in self.data_prefixes],
-                "tracking_uri": tracking.tracking_uri(self.tracking_uri, root=root),
-            }
-        )
+def job_store(settings: ServeSettings) -> JobStore:
+    url = settings.state_url
+    return JobStore(url, storage.storage_options(url, extra=settings.storage_options))
 
 
-def _normal(url: str) -> str:
-    """Comparable form of an output URL: normalised, ending in one slash."""
-    if storage.is_remote(url):
-        return url.rstrip("/") + "/"
-    return os.path.normpath(storage.local_path(url)).rstrip("/") + "/"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
-def _error(exc: ApiError) -> JSONResponse:
+def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-
-# ---------------------------------------------------------------------------------- state
-
-
-class JobStore:
-    """Job records as JSON objects under ``url`` (one per job, replaced atomically)."""
-
-    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
-        self.url = url
-        self.options = dict(options or {})
-
-    @classmethod
-    def of(cls, settings: ServeSettings) -> "JobStore":
-        url = settings.state_url
-        return cls(url, storage.storage_options(url, extra=settings.storage_options))
-
-    def _url(self, job_id: str) -> str:
-        return storage.join(self.url, f"{job_id}.json")
-
-    def put(self, record: dict[str, Any]) -> None:
-        record = {**record, "updated": time.time()}
-        storage.write_bytes_atomic(
-            self._url(record["id"]), json.dumps(record).encode(), self.options
-        )
-
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(storage.read_bytes(self._url(job_id), self.options))
-        except FileNotFoundError:
-            return None
-
-    def update(self, job_id: str, **changes: Any) -> dict[str, Any]:
-        record = self.get(job_id) or {"id": job_id}
-        record.update(changes)
-        self.put(record)
-        return record
-
-    def unfinished(self) -> list[dict[str, Any]]:
-        fs, path = storage.filesystem(self.url, self.options)
-        if not fs.exists(path):
-            return []
-        out = []
-        for name in fs.ls(path, detail=False):
-            if name.endswith(".json"):
-                with fs.open(name, "rb") as f:
-                    record = json.loads(f.read())
-                if record.get("status") not in TERMINAL:
-                    out.append(record)
-        return out
 
 
 # ---------------------------------------------------------------------------------- generator
@@ -183,7 +86,7 @@ class EnsembleGenerator:
         import torch
 
         self.settings = ServeSettings.model_validate(settings)
-        self.jobs = JobStore.of(self.settings)
+        self.jobs = job_store(self.settings)
         self.tracking_uri = tracking.tracking_uri(self.settings.tracking_uri)
         torch.set_num_threads(max(1, int(self.settings.cpus_per_replica)))
 
@@ -200,27 +103,62 @@ class EnsembleGenerator:
         return model
 
     async def run(self, job_id: str, request_json: dict[str, Any]) -> dict[str, Any]:
-        from cloudburst.ensembles.generate import EnsembleError, generate
         from cloudburst.ensembles.request import EnsembleRequest
-        from cloudburst.ensembles.store import EnsembleStoreError
 
+        stop = await asyncio.to_thread(self.jobs.stop_reason, job_id)
+        if stop is not None:  # cancelled or past its deadline while queued
+            await asyncio.to_thread(
+                self.jobs.update, job_id, status=stop.status, error=stop.message
+            )
+            return {"status": stop.status}
         request = EnsembleRequest.model_validate(request_json)
         model = await self.load(serve.get_multiplexed_model_id())
         model = dataclasses.replace(model, uri=request.model)
+        # the whole job, records included, runs in the thread: it ends by itself even if
+        # this call is abandoned (a deadline reached by the ingress)
+        return await asyncio.to_thread(self.work, job_id, request, model)
+
+    def work(self, job_id: str, request: Any, model: Any) -> dict[str, Any]:
+        """Generate ``request`` and record how it ended (in a worker thread)."""
+        from cloudburst.ensembles.generate import EnsembleError, generate
+        from cloudburst.ensembles.store import EnsembleStoreError
+
+        settings = self.settings
+        request = request.model_copy(update={"storage": settings.storage_for(request.output)})
         self.jobs.update(job_id, status="running")
+        written = {"members": 0}
 
         def progress(done: int, total: int) -> None:
-            self.jobs.update(job_id, status="running", members_done=done)
+            written["members"] = done
+            self.jobs.set_progress(job_id, done)
+            stop = self.jobs.stop_reason(job_id)
+            if stop is not None:
+                raise stop
 
         try:
-            result = await asyncio.to_thread(
-                generate, request, model=model, tracking_uri=self.tracking_uri, on_chunk=progress
+            result = generate(
+                request, model=model, tracking_uri=self.tracking_uri, on_chunk=progress
             )
-        except (EnsembleError, EnsembleStoreError, storage.StorageError) as exc:
-            self.jobs.update(job_id, status="failed", error=str(exc))
+        except JobStopped as exc:
+            self.jobs.update(
+                job_id, status=exc.status, error=exc.message, halted_at=written["members"]
+            )
+            return {"status": exc.status}
+        except storage.StorageError as exc:
+            log.warning("job %s: storage failed: %s", job_id, exc)
+            prefix = settings.output_prefix(request.output)
+            message = (
+                settings.unavailable(prefix) if prefix is not None else settings.redact(str(exc))
+            )
+            self.jobs.update(job_id, status="failed", error=message)
+            return {"status": "failed"}
+        except (EnsembleError, EnsembleStoreError) as exc:
+            self.jobs.update(job_id, status="failed", error=settings.redact(str(exc)))
             return {"status": "failed"}
         except Exception as exc:  # noqa: BLE001 - the job fails, the replica keeps serving
-            self.jobs.update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            log.exception("job %s failed", job_id)
+            error = settings.redact(f"{type(exc).__name__}: {exc}")
+            self.jobs.update(job_id, status="failed", error=error)
             return {"status": "failed"}
         self.jobs.update(
             job_id,
@@ -246,18 +184,26 @@ class EnsembleAPI:
     def __init__(self, generator: Any, settings: dict[str, Any]) -> None:
         self.settings = ServeSettings.model_validate(settings)
         self.generator = generator
-        self.jobs = JobStore.of(self.settings)
+        self.jobs = job_store(self.settings)
         self.tracking_uri = tracking.tracking_uri(self.settings.tracking_uri)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.reserved = 0  # queue slots held by submissions still being checked
+        self.latents: dict[str, int | None] = {}
         self.recovered = False
 
     async def _recover(self) -> None:
-        """Once per replica, on its first request: drive again the jobs an earlier ingress
-        replica left unfinished (they resume from the store's progress)."""
+        """Once per replica, on its first authenticated request: drive again the jobs an
+        earlier ingress replica left unfinished (they resume from the store's progress)."""
         if self.recovered:
             return
         self.recovered = True
-        for record in await asyncio.to_thread(self.jobs.unfinished):
+        try:
+            unfinished = await asyncio.to_thread(self.jobs.unfinished)
+        except Exception:  # noqa: BLE001 - a later request tries again
+            log.exception("listing unfinished jobs failed")
+            self.recovered = False
+            return
+        for record in unfinished:
             if record["id"] not in self.tasks:
                 self._drive(record)
 
@@ -273,7 +219,13 @@ class EnsembleAPI:
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(401, f"wrong API key in {API_KEY_HEADER}")
 
-    def _check_bounds(self, req: Any) -> None:
+    async def _authenticated(self, request: Request) -> None:
+        self._check_key(request)
+        await self._recover()
+
+    def _bounded(self, req: Any) -> Any:
+        """``req`` within this server's limits (400 naming the limit), with the candidates
+        per member of a rejecting scenario fitted to ``max_draws`` when not asked for."""
         s = self.settings
         if req.members > s.max_members:
             raise ApiError(400, f"members {req.members} exceeds this server's {s.max_members}")
@@ -281,76 +233,204 @@ class EnsembleAPI:
             raise ApiError(400, f"batch_size {req.batch_size} exceeds {s.max_batch_size}")
         if req.chunk_members > s.max_chunk_members:
             raise ApiError(400, f"chunk_members {req.chunk_members} exceeds {s.max_chunk_members}")
-        output = _normal(req.output)
-        if not any(output.startswith(p) for p in s.prefixes()):
+        if req.steps is not None and req.steps > s.max_steps:
             raise ApiError(
-                403,
-                f"output {req.output} is outside the allowed prefixes "
-                f"{', '.join(s.allowed_prefixes)}",
+                400, f"steps {req.steps} exceeds this server's max_steps {s.max_steps}; ask fewer"
             )
-        condition = req.scenario.condition
-        if condition is not None and not s.readable(condition.data):
+        sc = req.scenario
+        if sc.length is not None and sc.length > s.max_extension_length:
             raise ApiError(
-                403,
-                f"scenario.condition.data {condition.data} is outside the readable data "
-                f"prefixes {', '.join(s.data_prefixes)}",
+                400,
+                f"scenario.length {sc.length} exceeds this server's max_extension_length "
+                f"{s.max_extension_length}",
             )
+        if req.deadline_s is not None and req.deadline_s > s.job_deadline_s:
+            raise ApiError(
+                400,
+                f"deadline_s {req.deadline_s:g} exceeds this server's job_deadline_s "
+                f"{s.job_deadline_s:g}; ask for at most that",
+            )
+        if not sc.rejects:
+            return req
+        candidates = sc.max_candidates_per_member
+        if "max_candidates_per_member" in sc.model_fields_set:
+            if candidates > s.max_candidates_per_member:
+                raise ApiError(
+                    400,
+                    f"scenario.max_candidates_per_member {candidates} exceeds this server's "
+                    f"{s.max_candidates_per_member}",
+                )
+        else:
+            candidates = min(s.max_candidates_per_member, max(1, s.max_draws // req.members))
+            sc = sc.model_copy(update={"max_candidates_per_member": candidates})
+            req = req.model_copy(update={"scenario": sc})
+        if req.members * candidates > s.max_draws:
+            raise ApiError(
+                400,
+                f"members x scenario.max_candidates_per_member = {req.members * candidates} "
+                f"draws exceeds this server's max_draws {s.max_draws}; ask for fewer members "
+                "or fewer candidates per member",
+            )
+        return req
 
-    def _absolute(self, req: Any) -> Any:
-        """The request with its local paths (output, condition store) made absolute."""
-        req = req.model_copy(update={"output": self.settings.absolute(req.output)})
+    def _places(self, req: Any) -> Any:
+        """``req`` with its output and condition store resolved and checked (in a thread)."""
+        s = self.settings
+        output, prefix = s.check_output(req.output)
+        s.check_no_store_above(output, prefix)
+        req = req.model_copy(update={"output": output})
         condition = req.scenario.condition
         if condition is None:
             return req
-        condition = condition.model_copy(update={"data": self.settings.absolute(condition.data)})
+        data, source = s.check_source(condition.data)
+        both_remote = storage.is_remote(output) and storage.is_remote(data)
+        if both_remote and source.storage != prefix.storage:
+            raise ApiError(
+                400,
+                f"scenario.condition.data lies under {source.name} and the output under "
+                f"{prefix.name}, which this server reaches with different storage settings; "
+                "write the output where the condition's storage settings apply",
+            )
+        condition = condition.model_copy(update={"data": data})
         scenario = req.scenario.model_copy(update={"condition": condition})
         return req.model_copy(update={"scenario": scenario})
 
-    def _drive(self, record: dict[str, Any]) -> None:
+    def _latent_size(self, version_uri: str) -> int | None:
+        """The latent size of a registered version (None: not a latent model), cached."""
+        if version_uri not in self.latents:
+            from cloudburst.ensembles.generate import resolve
+            from cloudburst.models.roles import LatentModel
+
+            packaged = resolve(version_uri, self.tracking_uri).packaged
+            latent = None
+            if packaged.plays(LatentModel):
+                latent = int(packaged.network(LatentModel).latent_size)
+            if len(self.latents) >= MODELS_PER_REPLICA:
+                self.latents.pop(next(iter(self.latents)))
+            self.latents[version_uri] = latent
+        return self.latents[version_uri]
+
+    async def _check_direction(self, req: Any, version_uri: str) -> None:
+        direction = req.scenario.direction
+        if direction is None:
+            return
+        if req.scenario.kind != "extreme" or req.scenario.proposal != "shift":
+            raise ApiError(400, "scenario.direction applies to kind extreme with proposal shift")
+        try:
+            latent = await asyncio.to_thread(self._latent_size, version_uri)
+        except Exception as exc:  # noqa: BLE001 - reported without the server's paths
+            log.exception("loading %s to check its latent size failed", version_uri)
+            raise ApiError(
+                503, self.settings.redact(f"cannot load {req.model} now ({exc}); retry later")
+            ) from None
+        if latent is None:
+            raise ApiError(400, f"scenario.direction applies to latent models; {req.model} is not")
+        if len(direction) != latent:
+            raise ApiError(
+                400,
+                f"scenario.direction has {len(direction)} numbers; {req.model} has a latent of "
+                f"{latent}: give exactly {latent}",
+            )
+
+    def _drive(self, record: dict[str, Any], request: dict[str, Any] | None = None) -> None:
         job_id = record["id"]
-        task = asyncio.get_running_loop().create_task(self._run(record))
+        task = asyncio.get_running_loop().create_task(self._run(record, request))
         self.tasks[job_id] = task
         task.add_done_callback(lambda _: self.tasks.pop(job_id, None))
 
-    async def _run(self, record: dict[str, Any]) -> None:
-        """Hand the job to a generator replica; again (it resumes) if that replica dies."""
-        from ray.exceptions import RayActorError, RaySystemError
+    async def _run(self, record: dict[str, Any], request: dict[str, Any] | None) -> None:
+        """Hand the job to a generator replica; again (it resumes) if that replica dies.
+        Every way out leaves the job done, failed or cancelled."""
+        job_id = record["id"]
+        try:
+            await self._attempts(record, request)
+        except asyncio.CancelledError:
+            raise  # this replica is going away: the next one recovers the job
+        except Exception as exc:  # noqa: BLE001 - recorded for GET, the server goes on
+            log.exception("driving job %s failed", job_id)
+            error = self.settings.redact(f"the job could not be driven: {type(exc).__name__}")
+            await asyncio.to_thread(self._settle, job_id, error)
+            return
+        await asyncio.to_thread(self._settle, job_id, "the job ended without a result; resubmit")
 
+    def _settle(self, job_id: str, error: str) -> None:
+        """Fail the job with ``error`` unless it already ended."""
+        try:
+            record = self.jobs.get(job_id) or {}
+            if record.get("status") not in TERMINAL:
+                self.jobs.update(job_id, status="failed", error=error)
+        except Exception:  # noqa: BLE001 - the state store itself is failing
+            log.exception("recording the end of job %s failed", job_id)
+
+    async def _attempts(self, record: dict[str, Any], request: dict[str, Any] | None) -> None:
+        from ray.exceptions import RayActorError, RaySystemError
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        job_id = record["id"]
+        s = self.settings
+        if request is None:
+            request = record.get("request") or await asyncio.to_thread(self.jobs.request, job_id)
+        if request is None:
+            await asyncio.to_thread(
+                self.jobs.update, job_id, status="failed", error="the job's request is lost"
+            )
+            return
         handle = self.generator.options(multiplexed_model_id=record["model_version"])
         attempts = int(record.get("attempts", 0))
-        while attempts < self.settings.max_attempts:
+        last = "no attempt finished"
+        while True:
+            stop = await asyncio.to_thread(self.jobs.stop_reason, job_id)
+            if stop is not None:
+                await asyncio.to_thread(
+                    self.jobs.update, job_id, status=stop.status, error=stop.message
+                )
+                return
+            if attempts >= s.max_attempts:
+                await asyncio.to_thread(
+                    self.jobs.update,
+                    job_id,
+                    status="failed",
+                    error=f"gave up after {attempts} attempts (max_attempts {s.max_attempts}): "
+                    f"{last}; resubmit the request (it resumes what was written)",
+                )
+                return
             attempts += 1
-            self.jobs.update(record["id"], attempts=attempts)
+            await asyncio.to_thread(self.jobs.update, job_id, attempts=attempts)
+            deadline = float(record.get("deadline") or time.time() + s.job_deadline_s)
+            wait = max(0.0, deadline - time.time()) + DEADLINE_GRACE_S
             try:
-                await handle.run.remote(record["id"], record["request"])
+                await asyncio.wait_for(handle.run.remote(job_id, request), timeout=wait)
                 return
-            except (RayActorError, RaySystemError, ConnectionError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            except TimeoutError:
+                message = deadline_message(
+                    float(record.get("deadline_s", s.job_deadline_s)), s.job_deadline_s
+                )
+                await asyncio.to_thread(self.jobs.update, job_id, status="failed", error=message)
+                return
+            except (
+                RayActorError,
+                RaySystemError,
+                ConnectionError,
+                DeploymentUnavailableError,
+            ) as exc:
+                last = self.settings.redact(f"{type(exc).__name__}: {exc}")[:2000]
                 await asyncio.sleep(min(2.0**attempts, 10.0))
-            except Exception as exc:  # noqa: BLE001 - recorded for GET, the server goes on
-                self.jobs.update(record["id"], status="failed", error=f"{exc}")
-                return
-        self.jobs.update(
-            record["id"], status="failed", error=f"gave up after {attempts} attempts: {last}"
-        )
 
     # ------------------------------------------------------------ routes
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        await self._recover()
         return {"status": "ok", "jobs_in_flight": len(self.tasks)}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
-        await self._recover()
         try:
-            self._check_key(request)
+            await self._authenticated(request)
             listed = await asyncio.to_thread(tracking.list_models, self.tracking_uri)
         except ApiError as exc:
-            return _error(exc)
+            return error_response(exc)
         except tracking.TrackingError as exc:
-            return _error(ApiError(503, str(exc)))
+            return error_response(ApiError(503, self.settings.redact(str(exc))))
         return {
             "models": [
                 {
@@ -370,71 +450,127 @@ class EnsembleAPI:
         from cloudburst.ensembles.generate import EnsembleError, check_request
         from cloudburst.ensembles.request import EnsembleRequest
 
-        await self._recover()
+        s = self.settings
+        reserved = False
         try:
-            self._check_key(request)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                raise ApiError(400, "the body is not valid JSON") from None
+            await self._authenticated(request)
+            body = parse_json(await read_body(request, s.max_body_bytes))
             if not isinstance(body, dict):
                 raise ApiError(400, "the body must be a JSON object (an ensemble request)")
+            if body.get("storage") not in (None, {}, StorageConfig().model_dump()):
+                raise ApiError(
+                    400,
+                    "storage: this server reaches object storage with its own settings for "
+                    "each allowed prefix; remove storage from the request (operators set it "
+                    "per prefix in allowed_prefixes and data_prefixes)",
+                )
             try:
                 req = EnsembleRequest.model_validate(body)
             except ValidationError as exc:
-                raise ApiError(422, _validation_message(exc)) from None
-            req = self._absolute(req)
-            self._check_bounds(req)
-            if len(self.tasks) >= self.settings.max_queue:
-                raise ApiError(429, f"{len(self.tasks)} jobs in flight; retry later")
+                raise ApiError(422, validation_message(exc)) from None
+            req = self._bounded(req)
+            # a queue slot is taken here, before any await, and given back on every refusal
+            if len(self.tasks) + self.reserved >= s.max_queue:
+                raise ApiError(
+                    429,
+                    f"{len(self.tasks) + self.reserved} jobs in flight (max_queue "
+                    f"{s.max_queue}); retry later",
+                )
+            self.reserved += 1
+            reserved = True
+            engine_req = await asyncio.to_thread(self._places, req)
+            prefix = s.output_prefix(engine_req.output)
+            checked = engine_req.model_copy(update={"storage": s.storage_for(engine_req.output)})
             try:
                 version_uri, _, tags = await asyncio.to_thread(
                     tracking.pin_version, req.model, self.tracking_uri
                 )
             except tracking.TrackingError as exc:
-                raise ApiError(404, str(exc)) from None
+                raise ApiError(404, s.redact(str(exc))) from None
             try:
-                await asyncio.to_thread(check_request, req, tags, req.model)
+                await asyncio.to_thread(check_request, checked, tags, req.model)
             except EnsembleError as exc:
-                raise ApiError(400, str(exc)) from None
+                raise ApiError(400, s.redact(str(exc))) from None
+            except storage.StorageError:
+                raise ApiError(
+                    503, s.unavailable(prefix) if prefix else "storage unavailable"
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - reported without the server's paths
+                log.exception("checking a request against %s failed", version_uri)
+                raise ApiError(
+                    400,
+                    s.redact(f"the request cannot be checked: {type(exc).__name__}: {exc}"),
+                ) from None
+            await self._check_direction(req, version_uri)
+            job_id = uuid.uuid4().hex
+            deadline_s = req.deadline_s or s.job_deadline_s
+            now = time.time()
+            record = {
+                "id": job_id,
+                "status": "queued",
+                "model_version": version_uri,
+                "output": req.output,
+                "members": req.members,
+                "members_done": 0,
+                "created": now,
+                "deadline": now + deadline_s,
+                "deadline_s": deadline_s,
+                "deadline_limit": s.job_deadline_s,
+            }
+            stored = engine_req.model_dump(mode="json", exclude={"storage"})
+            await asyncio.to_thread(self.jobs.create, record, stored)
+            self._drive(record, stored)
         except ApiError as exc:
-            return _error(exc)
-        job_id = uuid.uuid4().hex
-        record = {
-            "id": job_id,
-            "status": "queued",
-            "request": req.model_dump(mode="json"),
-            "model_version": version_uri,
-            "output": req.output,
-            "members": req.members,
-            "members_done": 0,
-            "created": time.time(),
-        }
-        self.jobs.put(record)
-        self._drive(record)
+            return error_response(exc)
+        finally:
+            if reserved:
+                self.reserved -= 1
         return JSONResponse(
             {"id": job_id, "status": "queued", "output": req.output, "model": version_uri},
             status_code=202,
         )
 
+    def _job_id(self, job_id: str) -> str:
+        if not JOB_ID.match(job_id):
+            raise ApiError(400, "a job id is 32 hexadecimal digits, as POST answered")
+        return job_id
+
     @api.get("/v1/ensembles/{job_id}")
     async def status(self, job_id: str, request: Request) -> Any:
-        await self._recover()
         try:
-            self._check_key(request)
+            await self._authenticated(request)
             if not job_id.isalnum():
                 raise ApiError(400, "a job id is letters and digits")
+            view = None
+            if JOB_ID.match(job_id):
+                view = await asyncio.to_thread(self.jobs.view, job_id)
+            if view is None:
+                raise ApiError(404, f"no ensemble job {job_id}")
+        except ApiError as exc:
+            return error_response(exc)
+        return view
+
+    @api.delete("/v1/ensembles/{job_id}")
+    async def cancel(self, job_id: str, request: Request) -> Any:
+        try:
+            await self._authenticated(request)
+            self._job_id(job_id)
             record = await asyncio.to_thread(self.jobs.get, job_id)
             if record is None:
                 raise ApiError(404, f"no ensemble job {job_id}")
+            if record.get("status") in ("done", "failed"):
+                raise ApiError(
+                    409, f"job {job_id} is already {record['status']}; there is nothing to stop"
+                )
+            await asyncio.to_thread(self.jobs.cancel, job_id)
+            view = await asyncio.to_thread(self.jobs.view, job_id)
         except ApiError as exc:
-            return _error(exc)
-        keys = ("id", "status", "members", "members_done", "output", "model_version", "error")
-        out = {k: record.get(k) for k in keys}
-        for extra in ("seconds", "acceptance_rate", "attempts"):
-            if extra in record:
-                out[extra] = record[extra]
-        return out
+            return error_response(exc)
+        return view
+
+    @api.post("/v1/ensembles/{job_id}/cancel")
+    async def cancel_post(self, job_id: str, request: Request) -> Any:
+        return await self.cancel(job_id, request)
 
 
 def build(args: dict[str, Any] | None = None) -> Any:

@@ -70,3 +70,45 @@ def mlflow_module_state():
         yield
         while mlflow.active_run() is not None:
             mlflow.end_run()
+
+
+# ---------------------------------------------------------------------- environment isolation
+
+
+def _mlflow_globals() -> tuple[object, object, object]:
+    return (
+        _tracking_state.utils._tracking_uri,
+        _registry_state.utils._registry_uri,
+        mlflow.tracking.fluent._active_experiment_id,
+    )
+
+
+def _restore(env: dict[str, str], state: tuple[object, object, object]) -> None:
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    (
+        _tracking_state.utils._tracking_uri,
+        _registry_state.utils._registry_uri,
+        mlflow.tracking.fluent._active_experiment_id,
+    ) = state
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment():
+    """What a module's tests and fixtures set process-wide (environment variables such as
+    MLFLOW_TRACKING_URI or RAY_ADDRESS, MLflow's tracking and registry URIs and active
+    experiment) is undone after the module, so no later module sees it."""
+    env, state = dict(os.environ), _mlflow_globals()
+    yield
+    _restore(env, state)
+
+
+@pytest.fixture(autouse=True)
+def _test_environment(_module_environment):
+    """The same for each test: it leaves the process as the module's fixtures made it."""
+    env, state = dict(os.environ), _mlflow_globals()
+    yield
+    _restore(env, state)

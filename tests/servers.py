@@ -198,6 +198,19 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, what: str) -> None:
     )
 
 
+BIND_ATTEMPTS = 3  # a free-picked port taken by another program first: tried this many times
+_BIND_FAILURES = ("already in use", "errno 98", "failed to bind", "bind failed", "could not bind")
+
+
+def _bind_failed(log: Path) -> bool:
+    """Whether the server's output says its port was taken."""
+    try:
+        text = log.read_text(errors="replace").lower()
+    except OSError:
+        return False
+    return any(words in text for words in _BIND_FAILURES)
+
+
 @contextlib.contextmanager
 def _running(
     make_cmd: Callable[[int], list[str]], port: int | None, ready_path: str, what: str
@@ -207,19 +220,20 @@ def _running(
     Without a given port, a free one is picked; if another program takes it first (the
     server exits at once), up to two more ports are tried.
     """
-    attempts = 1 if port else 3
+    attempts = 1 if port else BIND_ATTEMPTS
     for attempt in range(attempts):
         chosen = port or free_port()
         with tempfile.TemporaryDirectory(prefix="cloudburst-server-") as tmp:
             log = Path(tmp) / "server.log"
             proc = _spawn(make_cmd(chosen), log, {**os.environ, **TEST_ENV})
+            url = f"http://127.0.0.1:{chosen}{ready_path}"
             try:
-                _wait_ready(proc, f"http://127.0.0.1:{chosen}{ready_path}", log, what)
-            except ServerError:
+                _wait_ready(proc, url, log, what)
+            except BaseException as exc:  # not ready, or interrupted: never left running
                 exited = proc.poll() is not None
                 _kill_group(proc)
-                if exited and attempt + 1 < attempts:
-                    continue
+                if isinstance(exc, ServerError) and exited and attempt + 1 < attempts:
+                    continue  # exited before it was ready: most likely the port was taken
                 raise
             try:
                 yield proc, chosen
@@ -358,17 +372,36 @@ def kill_processes_naming(marker: str) -> None:
     psutil.wait_procs(list(found), timeout=10)
 
 
+def _ray_ready(proc: subprocess.Popen, ports: dict[str, int], log: Path) -> None:
+    deadline = time.monotonic() + RAY_READY_TIMEOUT_S
+    # the job server answers on the dashboard, but submits only once the agent is up
+    while not _port_open(ports["dashboard-agent-listen-port"]):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ServerError(
+                f"ray start did not come up within {RAY_READY_TIMEOUT_S:.0f} s "
+                f"(exit code {proc.poll()}); output:\n"
+                f"{log.read_text(errors='replace')[-3000:]}"
+            )
+        time.sleep(0.5)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    _wait_ready(proc, f"{address}/api/version", log, "ray dashboard")
+
+
+def _stop_ray(proc: subprocess.Popen, temp_dir: str) -> None:
+    _kill_group(proc)
+    kill_processes_naming(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
     """``ray start --head --block`` on loopback with every port free-picked, stopped on exit.
 
     Only this cluster is stopped (its process group, then any process naming its temp dir):
     ``ray stop`` would end every Ray instance on the machine. The job driver's ``python`` is
-    this interpreter (its folder leads PATH).
+    this interpreter (its folder leads PATH). A start that fails because one of its ports
+    was taken meanwhile is retried on fresh ports, up to :data:`BIND_ATTEMPTS` times.
     """
-    ports = {name: free_port() for name in _RAY_PORTS}
-    # short: Ray's Unix sockets live under it and their paths are limited to 107 bytes
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     bindir = os.path.dirname(sys.executable)
     env = {
         **os.environ,
@@ -376,32 +409,39 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         **RAY_ENV,
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
     }
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-        f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        "--object-store-memory=500000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        *(f"--{name}={port}" for name, port in ports.items()),
-    ]  # fmt: skip
-    log = Path(temp_dir) / "ray-start.log"
-    proc = _spawn(cmd, log, env)
-    try:
-        address = f"http://127.0.0.1:{ports['dashboard-port']}"
-        deadline = time.monotonic() + RAY_READY_TIMEOUT_S
-        # the job server answers on the dashboard, but submits only once the agent is up
-        while not _port_open(ports["dashboard-agent-listen-port"]):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ServerError(
-                    f"ray start did not come up within {RAY_READY_TIMEOUT_S:.0f} s "
-                    f"(exit code {proc.poll()}); output:\n"
-                    f"{log.read_text(errors='replace')[-3000:]}"
-                )
-            time.sleep(0.5)
-        _wait_ready(proc, f"{address}/api/version", log, "ray dashboard")
-        yield RayHead(address, f"127.0.0.1:{ports['port']}", env, temp_dir)
-    finally:
-        _kill_group(proc)
-        kill_processes_naming(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    for attempt in range(BIND_ATTEMPTS):
+        ports = {name: free_port() for name in _RAY_PORTS}
+        # short: Ray's Unix sockets live under it and their paths are limited to 107 bytes
+        temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", "--object-store-memory=500000000",
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            *(f"--{name}={port}" for name, port in ports.items()),
+        ]  # fmt: skip
+        log = Path(temp_dir) / "ray-start.log"
+        try:
+            proc = _spawn(cmd, log, env)
+        except BaseException:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        try:
+            _ray_ready(proc, ports, log)
+        except BaseException as exc:
+            # ray start may keep running when one of its components could not bind: its logs
+            logs = [log, *Path(temp_dir).glob("session_latest/logs/*")]
+            taken = any(_bind_failed(p) for p in logs if p.is_file())
+            _stop_ray(proc, temp_dir)
+            if isinstance(exc, ServerError) and taken and attempt + 1 < BIND_ATTEMPTS:
+                continue
+            raise
+        try:
+            address = f"http://127.0.0.1:{ports['dashboard-port']}"
+            yield RayHead(address, f"127.0.0.1:{ports['port']}", env, temp_dir)
+        finally:
+            _stop_ray(proc, temp_dir)
+        return
 
 
 # ------------------------------------------------------------------------------ MLflow
@@ -410,27 +450,85 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
 @contextlib.contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
     """``mlflow server`` (SQLite store and artifacts under ``folder``) on a free loopback port,
-    in its own process group, killed afterwards; yields its URI."""
+    in its own process group, killed afterwards; yields its URI.
+
+    If the port is taken before the server binds it (it exits saying so), a fresh port is
+    tried, up to :data:`BIND_ATTEMPTS` times.
+    """
     binary = Path(sys.executable).parent / "mlflow"
     if not binary.exists():
         raise ServerNotFound(f"no mlflow command next to {sys.executable}")
-    port = free_port()
-    log = Path(folder) / "mlflow-server.log"
-    cmd = [
-        str(binary),
-        "server",
-        "--backend-store-uri", f"sqlite:///{folder}/server.db",
-        "--artifacts-destination", str(Path(folder) / "server-artifacts"),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = _spawn(cmd, log, env, cwd=folder)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, f"{uri}/health", log, "mlflow server")
-        yield uri
-    finally:
-        _kill_group(proc)
+    for attempt in range(BIND_ATTEMPTS):
+        port = free_port()
+        log = Path(folder) / f"mlflow-server-{attempt}.log"
+        cmd = [
+            str(binary),
+            "server",
+            "--backend-store-uri", f"sqlite:///{folder}/server.db",
+            "--artifacts-destination", str(Path(folder) / "server-artifacts"),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+        ]  # fmt: skip
+        proc = _spawn(cmd, log, env, cwd=folder)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(proc, f"{uri}/health", log, "mlflow server")
+        except BaseException as exc:  # not ready, or interrupted: never left running
+            taken = proc.poll() is not None and _bind_failed(log)
+            _kill_group(proc)
+            if isinstance(exc, ServerError) and taken and attempt + 1 < BIND_ATTEMPTS:
+                continue
+            raise
+        try:
+            yield uri
+        finally:
+            _kill_group(proc)
+        return
+
+
+# ------------------------------------------------------------------------------ Ray Serve
+
+
+def serve_answers(port: int, timeout: float = RAY_READY_TIMEOUT_S) -> bool:
+    """Whether Ray Serve's proxy on ``127.0.0.1:port`` answers its health route in time."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/-/healthz"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def start_serve(host: str = "127.0.0.1", timeout: float = RAY_READY_TIMEOUT_S) -> int:
+    """``serve.start`` on a free port of the connected Ray cluster; returns the port.
+
+    A port taken between picking and binding leaves a proxy that never answers: Serve is shut
+    down and started again on a fresh port, up to :data:`BIND_ATTEMPTS` times.
+    """
+    from ray import serve
+
+    for _ in range(BIND_ATTEMPTS):
+        port = free_port()
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            if serve_answers(port, timeout):
+                return port
+        except BaseException:
+            serve.shutdown()
+            raise
+        serve.shutdown()
+    raise ServerError(
+        f"Ray Serve's proxy did not answer on any of {BIND_ATTEMPTS} free ports "
+        f"within {timeout:.0f} s each"
+    )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 from pydantic import ValidationError
 
 from cloudburst import tracking
@@ -39,8 +40,8 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def observed(store) -> np.ndarray:
-    ds, _ = open_store(store)
-    return ds.precip.isel(time=slice(2, 12), y=slice(2, 10), x=slice(3, 11)).values
+    """Steps 2-11 (START on), rows 2-9, columns 3-10 of the store, read with zarr itself."""
+    return zarr.open_array(store, path="precip", mode="r")[2:12, 2:10, 3:11]
 
 
 def diffusion(store: str, transform: str = "learnt") -> ResolvedModel:
@@ -308,3 +309,70 @@ def test_an_interpolation_baseline_is_linear_between_known_frames():
     assert lin[1, 0, 0] == 1.0 and lin[3, 0, 0] == 2.0 and lin[4, 0, 0] == 2.0
     persistence = baseline(truth, known, "forecast")
     assert persistence[1, 0, 0] == 0.0 and persistence[4, 0, 0] == 2.0
+
+
+GUIDED = 100.0  # a large reconstruction-guidance weight, against 0 (plain imputation)
+
+
+@pytest.fixture(scope="module")
+def coupled(store) -> ResolvedModel:
+    """The tiny model with its zero-initialised layers (residual blocks start as the identity,
+    the output at 0, so x^ ignores the other pixels and guidance has no gradient to follow)
+    given small seeded weights: an x^ that couples pixels, as a trained network's does."""
+    resolved = diffusion(store)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weights in resolved.packaged.model.parameters():
+            if not weights.any():
+                weights.copy_(0.1 * torch.randn(weights.shape, generator=gen))
+    return resolved
+
+
+def members_at(store: str, url: str, weight: float, model: ResolvedModel, **scenario) -> np.ndarray:
+    generate(ask(store, url, guidance=weight, **scenario), model=model)
+    ens = xr.open_zarr(url, consolidated=False)
+    assert ens.attrs["guidance"] == weight and ens.attrs["guidance_source"] == "the request"
+    return ens.precip.values
+
+
+def measurably_apart(a: np.ndarray, b: np.ndarray) -> bool:
+    """Mean absolute difference above 1 % of the mean magnitude (float32 noise is ~1e-7)."""
+    return float(np.abs(a - b).mean()) > 0.01 * float(np.abs(b).mean())
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "known"),
+    [("forecast", {"context": 2}, [0, 1]), ("interpolation", {}, [0, 2])],
+)
+def test_the_guidance_weight_changes_the_unknown_frames_only(
+    store, observed, coupled, tmp_path, kind, extra, known
+):
+    plain, guided = (
+        members_at(store, str(tmp_path / f"{w:g}.zarr"), w, coupled, kind=kind, **extra)
+        for w in (0.0, GUIDED)
+    )
+    unknown = [t for t in range(WINDOW[0]) if t not in known]
+    # the same seed and noise: the known frames are the observed ones under either weight
+    assert (plain[:, known] == observed[None, known]).all()
+    assert (guided[:, known] == observed[None, known]).all()
+    # the weight reaches the sampler: the frames it fills are not the same
+    assert measurably_apart(guided[:, unknown], plain[:, unknown])
+    # and the change is the guidance's, not noise: the same weight gives the same members
+    again = members_at(store, str(tmp_path / "again.zarr"), GUIDED, coupled, kind=kind, **extra)
+    assert again.tobytes() == guided.tobytes()
+
+
+def test_an_extension_forwards_the_guidance_weight_to_each_new_window(store, coupled, tmp_path):
+    # without a condition the first window is an unconditional draw (no guidance applies);
+    # the windows after it are conditioned on its last frames with the request's weight
+    plain, guided = (
+        members_at(
+            store, str(tmp_path / f"{w:g}.zarr"), w, coupled, kind="extension", length=7,
+            condition=None,
+        )
+        for w in (0.0, GUIDED)
+    )  # fmt: skip
+    first = WINDOW[0]
+    assert plain.shape == guided.shape == (5, 7, 8, 8)
+    assert plain[:, :first].tobytes() == guided[:, :first].tobytes()
+    assert measurably_apart(guided[:, first:], plain[:, first:])

@@ -23,9 +23,7 @@ from cloudburst.config import (
     job_config_class,
     load_config,
 )
-from cloudburst.data.ingest import open_store
 from cloudburst.data.prepare import prepare_dataset
-from cloudburst.data.windows import build_index, split_index
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
@@ -44,7 +42,7 @@ RUN_ENV = {
 }
 
 
-def job(script: str, *args: str, cwd: Path = ROOT, timeout: int = 180):
+def job(script: str, *args: str, cwd: Path, timeout: int = 180):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, str(ROOT / "jobs" / script), *args],
@@ -54,16 +52,6 @@ def job(script: str, *args: str, cwd: Path = ROOT, timeout: int = 180):
         text=True,
         timeout=timeout,
     )
-
-
-def parts_of(cfg: DatasetJobConfig) -> dict[str, int]:
-    """Window counts of the store the job wrote, computed here."""
-    ds, _ = open_store(cfg.ingest.target)
-    index = build_index(ds, cfg.data.windows)
-    out = {"all": len(index)}
-    for part in ("train", "val", "test"):
-        out[part] = len(split_index(index, cfg.data.split, part))
-    return out
 
 
 def test_demo_runs_and_prints_the_summary(tmp_path):
@@ -97,14 +85,18 @@ def test_demo_runs_and_prints_the_summary(tmp_path):
 
     cfg = load_config(DatasetJobConfig, None, overrides)
     assert cfg.data.store == str(target)
-    counts = parts_of(cfg)
     m = re.search(r"windows of 8 x 16 x 16: (\d+) \(train (\d+), val (\d+), test (\d+)", out)
     assert m, out
     printed = dict(zip(("all", "train", "val", "test"), map(int, m.groups()), strict=True))
-    assert printed == counts
-    assert counts["train"] > 0
+    # 120 daily steps: 113 starts of 8-step windows, 2 x 2 positions of 16 cells by 8 in 24
+    assert printed["all"] == 113 * 2 * 2
+    # the record spans two seasons (DJF and MAM 2001): no fifth one, so no test part; one of
+    # its four validation blocks of 4 x 8 steps (the last one 24) is carved from training
+    assert printed["test"] == 0
+    windows = {0: (81, 25), 1: (74, 25), 2: (74, 25), 3: (89, 17)}  # block -> (train, val)
+    assert (printed["train"], printed["val"]) in {(4 * t, 4 * v) for t, v in windows.values()}
     m = re.search(r"one shuffled training epoch: (\d+) windows", out)
-    assert m and int(m.group(1)) == counts["train"]
+    assert m and int(m.group(1)) == printed["train"]
     m = re.search(r"scaled range \[(-?[\d.]+), (-?[\d.]+)\]", out)
     assert m and 0.0 <= float(m.group(1)) <= float(m.group(2)) <= 1.0
 
@@ -136,6 +128,7 @@ def test_ingest_job_prints_the_summary_as_json(tmp_path):
         "data.windows.length=4",
         "data.split.scheme=none",
         f"ingest.target={target}",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -147,7 +140,7 @@ def test_ingest_job_prints_the_summary_as_json(tmp_path):
 
 def test_job_with_a_bad_override_fails_before_any_work(tmp_path):
     target = tmp_path / "never.zarr"
-    proc = job("ingest.py", "data.windows.size=0", f"ingest.target={target}")
+    proc = job("ingest.py", "data.windows.size=0", f"ingest.target={target}", cwd=tmp_path)
     assert proc.returncode == 2
     assert "data.windows.size" in proc.stderr and "Traceback" not in proc.stderr
     assert not target.exists()
@@ -169,18 +162,35 @@ def test_training_configs_are_told_apart():
     load_config(TrainJobConfig, ROOT / "jobs" / "configs" / "vae-demo.yaml")
 
 
+def written_source(path: Path) -> str | None:
+    """The ``ingest.source`` the YAML file itself gives (None: synthetic data)."""
+    return (yaml.safe_load(path.read_text()).get("ingest") or {}).get("source")
+
+
+SOURCED_CONFIGS = [p for p in DATASET_CONFIGS if written_source(p) is not None]
+
+
 @pytest.mark.parametrize("path", DATASET_CONFIGS, ids=[p.stem for p in DATASET_CONFIGS])
 def test_every_config_validates(path):
     cfg = load_config(DatasetJobConfig, path)
     assert cfg.name
     assert cfg.data.store == cfg.ingest.target
-    if cfg.ingest.source is not None:
-        # sources are given relative to the repository root, pointing into ../shared/data
-        assert cfg.ingest.source.startswith("../shared/data/")
-        assert (ROOT / cfg.ingest.source).resolve().parent == SHARED.resolve()
+    assert cfg.ingest.source == written_source(path)
     # overrides still apply on top of the file; a wrong one names the field
     with pytest.raises(ConfigError, match="data.windows.lenght"):
         load_config(DatasetJobConfig, path, ["data.windows.lenght=4"])
+
+
+@pytest.mark.parametrize("path", SOURCED_CONFIGS, ids=[p.stem for p in SOURCED_CONFIGS])
+def test_config_sources_point_into_the_shared_data(path):
+    # sources are given relative to the repository root, pointing into ../shared/data
+    source = load_config(DatasetJobConfig, path).ingest.source
+    assert source.startswith("../shared/data/")
+    assert (ROOT / source).resolve().parent == SHARED.resolve()
+
+
+def test_every_real_sample_config_names_a_source():
+    assert {p.stem for p in SOURCED_CONFIGS} >= set(REAL)
 
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=[p.stem for p in SERVE_CONFIGS])
@@ -201,9 +211,18 @@ def test_all_real_sample_configs_are_there():
     assert {p.stem for p in CONFIGS} >= {*REAL, "demo"}
 
 
-@pytest.mark.data
-@pytest.mark.parametrize("name", REAL)
-def test_real_sample_configs_prepare(name, tmp_path, monkeypatch):
+# the real samples' configs: with a held-out split (test and validation parts), or none
+HELD_OUT = {"chirps": True, "fraser": True, "radolan": False, "bom": False}
+
+
+def test_the_held_out_table_names_every_real_sample():
+    assert set(HELD_OUT) == set(REAL)
+    for name, held_out in HELD_OUT.items():
+        data = yaml.safe_load((ROOT / "jobs" / "configs" / f"{name}.yaml").read_text())["data"]
+        assert (data["split"]["scheme"] != "none") is held_out, name
+
+
+def prepared(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     cfg = load_config(
         DatasetJobConfig,
         ROOT / "jobs" / "configs" / f"{name}.yaml",
@@ -213,14 +232,23 @@ def test_real_sample_configs_prepare(name, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name their sources relative to the repository root
     summary = prepare_dataset(cfg, progress=False)
     assert summary["ingest_skipped"] is False
-    windows = summary["windows"]
-    assert windows["train"] > 0
-    assert windows["train"] + windows["val"] + windows["test"] <= windows["all"]
-    assert windows == parts_of(cfg)
-    if cfg.data.split.scheme == "none":
-        assert windows["test"] == 0
-    else:
-        assert windows["test"] > 0 and windows["val"] > 0
     assert 0.0 <= summary["nan_fraction"] < 0.5 and summary["max"] > 0
     # a second run of the same job writes nothing
     assert prepare_dataset(cfg, progress=False)["ingest_skipped"] is True
+    return summary["windows"]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", [n for n, held_out in HELD_OUT.items() if held_out])
+def test_real_sample_configs_with_a_held_out_split_prepare(name, tmp_path, monkeypatch):
+    windows = prepared(name, tmp_path, monkeypatch)
+    assert windows["train"] > 0 and windows["val"] > 0 and windows["test"] > 0
+    assert windows["train"] + windows["val"] + windows["test"] <= windows["all"]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", [n for n, held_out in HELD_OUT.items() if not held_out])
+def test_real_sample_configs_without_a_split_train_on_every_window(name, tmp_path, monkeypatch):
+    windows = prepared(name, tmp_path, monkeypatch)
+    assert windows["all"] > 0
+    assert windows == {"all": windows["all"], "train": windows["all"], "val": 0, "test": 0}

@@ -23,13 +23,15 @@ def _worker(config: dict) -> None:
 
     from cloudburst.data.loader import WindowDataset
 
-    ds = WindowDataset(config["store"], config["index"], seed=3)
-    ds.set_epoch(1)
-    seen = np.stack([item["origin"].numpy() for item in ds])
-    ctx = ray.train.get_context()
+    rank = ray.train.get_context().get_world_rank()
+    for shuffle in (True, False):  # neither told its rank: both take it from Ray Train
+        ds = WindowDataset(config["store"], config["index"], seed=3, shuffle=shuffle)
+        ds.set_epoch(1)
+        seen = np.stack([item["origin"].numpy() for item in ds])
+        name = "shuffled" if shuffle else "ordered"
+        np.save(os.path.join(config["out"], f"{name}{rank}.npy"), seen)
     with tempfile.TemporaryDirectory() as tmp:
         np.save(os.path.join(tmp, "origins.npy"), seen)
-        np.save(os.path.join(config["out"], f"rank{ctx.get_world_rank()}.npy"), seen)
         ray.train.report({"n": len(seen)}, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -37,8 +39,6 @@ def test_two_ray_train_workers_read_disjoint_equal_shards(tmp_path):
     ray = pytest.importorskip("ray")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cloudburst.data.loader import WindowDataset
 
     store = str(tmp_path / "s.zarr")
     write_synthetic(
@@ -66,14 +66,20 @@ def test_two_ray_train_workers_read_disjoint_equal_shards(tmp_path):
         trainer.fit()
     finally:
         ray.shutdown()
-    shards = [np.load(out / f"rank{r}.npy") for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == len(index) // 2
-    as_set = [set(map(tuple, s.tolist())) for s in shards]
+    origins = index.origins
+    half = len(index) // 2
+    assert half > 0
+    every = set(map(tuple, origins.tolist()))
+    shuffled = [np.load(out / f"shuffled{r}.npy") for r in range(2)]
+    assert len(shuffled[0]) == len(shuffled[1]) == half
+    as_set = [set(map(tuple, s.tolist())) for s in shuffled]
+    assert len(as_set[0]) == len(as_set[1]) == half  # no window twice
     assert not as_set[0] & as_set[1]
-    # together they are exactly what a single-process reader assigns to ranks 0 and 1
-    expected = set()
-    for r in range(2):
-        ref = WindowDataset(store, index, seed=3, rank=r, world_size=2)
-        ref.set_epoch(1)
-        expected |= {tuple(o.numpy().tolist()) for o in (i["origin"] for i in ref)}
-    assert as_set[0] | as_set[1] == expected
+    assert as_set[0] | as_set[1] <= every
+    # in order, the sequence is by chunk of the origin (time chunks of 32 steps; one spatial
+    # chunk): rank 0 reads its first half, rank 1 the second, in that order
+    assert open_store(store)[0].precip.encoding["chunks"] == (32, 24, 24)
+    by_chunk = origins[np.argsort(origins[:, 0] // 32, kind="stable")]
+    ordered = [np.load(out / f"ordered{r}.npy") for r in range(2)]
+    np.testing.assert_array_equal(ordered[0], by_chunk[:half])
+    np.testing.assert_array_equal(ordered[1], by_chunk[half : 2 * half])

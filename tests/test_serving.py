@@ -151,8 +151,7 @@ def endpoint(tmp_path_factory, s3_server, gcs_server):
     env = {**servers.TEST_ENV, **servers.RAY_ENV, "MLFLOW_DISABLE_TELEMETRY": "true"}
     os.environ.update(servers.RAY_ENV)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-    port = servers.free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = servers.start_serve()  # a fresh port if this one is taken
     s3_server.make_bucket("ensembles")
     gcs_server.make_bucket("ensembles")
     offline = f"http://127.0.0.1:{servers.free_port()}"  # nothing listens there

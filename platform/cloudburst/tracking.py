@@ -184,7 +184,7 @@ def _http_get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, s
         return int(exc.code), f"HTTP {exc.code} from {url}"
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        return 0, f"no answer from {url} within {timeout:.0f} s: {reason}"
+        return 0, f"no answer from {url} within {timeout:g} s: {reason}"
 
 
 def setup(configured: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:

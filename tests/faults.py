@@ -1,8 +1,13 @@
-"""A fault injector for tests: a real HTTP proxy on loopback in front of an object-store server.
+"""A fault and latency injector for tests and benchmarks: a real HTTP proxy on loopback in front
+of an object-store server.
 
 :class:`FaultProxy` listens on a free loopback port; clients use its ``endpoint`` in place of
-the server's. For a seeded random ``fraction`` of requests it injects a fault instead of an
-answer, one of ``kinds`` chosen at random:
+the server's. With ``delay_s`` > 0 every request waits that long in the proxy before it is
+forwarded (or faulted), as a round trip to a distant store would; each connection has its own
+thread, so concurrent requests wait concurrently (latency, not a bandwidth limit).
+``FaultProxy(upstream, fraction=0.0, delay_s=0.03)`` injects latency only. For a seeded random
+``fraction`` of requests it injects a fault instead of an answer, one of ``kinds`` chosen at
+random:
 
 - ``"500"``: ``500 Internal Server Error`` with an S3 ``InternalError`` XML body;
 - ``"503"``: ``503 Slow Down`` with an S3 ``SlowDown`` XML body;
@@ -12,7 +17,9 @@ answer, one of ``kinds`` chosen at random:
 
 Every other request is forwarded unchanged (one request at a time per client connection,
 keep-alive, Content-Length and chunked bodies) and its answer relayed. ``injected`` counts the
-faults, ``by_kind`` them per kind, ``forwarded`` the requests that reached the server.
+faults, ``by_kind`` them per kind, ``forwarded`` the requests that reached the server,
+``by_method`` every request received per HTTP method, ``delayed`` the requests held for
+``delay_s`` and ``delayed_s`` the delay injected in all.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -37,7 +45,8 @@ _HOP |= {"proxy-connection", "proxy-authenticate", "proxy-authorization"}
 
 
 class FaultProxy:
-    """A fault injector: forwards HTTP to ``upstream``, failing a seeded share of requests."""
+    """A fault and latency injector: forwards HTTP to ``upstream``, holding every request for
+    ``delay_s`` and failing a seeded share ``fraction`` of them."""
 
     def __init__(
         self,
@@ -45,18 +54,25 @@ class FaultProxy:
         fraction: float = 0.1,
         seed: int = 0,
         kinds: tuple[str, ...] = ("500", "503", "drop"),
+        delay_s: float = 0.0,
     ) -> None:
         unknown = set(kinds) - set(KINDS)
         if unknown or not kinds or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"kinds must be among {KINDS}, fraction in [0, 1]: {kinds} {fraction}")
+        if not delay_s >= 0.0:  # also refuses NaN
+            raise ValueError(f"delay_s must be >= 0 seconds: {delay_s}")
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.fraction, self.kinds = float(fraction), tuple(kinds)
+        self.delay_s = float(delay_s)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected = 0
         self.forwarded = 0
+        self.delayed = 0
+        self.delayed_s = 0.0
         self.by_kind: collections.Counter[str] = collections.Counter()
+        self.by_method: collections.Counter[str] = collections.Counter()
         self._server: ThreadingHTTPServer | None = None
         self._sockets: set[socket.socket] = set()
 
@@ -79,6 +95,16 @@ class FaultProxy:
             if kind == "lost":
                 self.forwarded += 1
             return kind
+
+    def arrive(self, method: str) -> None:
+        """Count a request by ``method``, then hold it for ``delay_s`` (none when it is 0)."""
+        with self._lock:
+            self.by_method[method] += 1
+            if self.delay_s > 0.0:
+                self.delayed += 1
+                self.delayed_s += self.delay_s
+        if self.delay_s > 0.0:
+            time.sleep(self.delay_s)
 
     def __enter__(self) -> FaultProxy:
         proxy = self
@@ -169,6 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        self.owner.arrive(self.command)
         kind = self.owner.draw()
         if kind == "drop":
             return self._drop()

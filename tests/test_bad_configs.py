@@ -95,7 +95,7 @@ CASES = [
         "model:\n  kind: gan\n",
         [],
         ConfigError,
-        ["model", "'gan'", "unknown model kind; known: diffusion, vae"],
+        ["model", "'gan'", "unknown model kind; known: diffusion, ", "vae"],
     ),
     case(
         TrainJobConfig,

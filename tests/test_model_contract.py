@@ -356,7 +356,8 @@ def endpoint_makes_an_ensemble(tmp_path: Path, uri: str) -> None:
         runtime_env={"env_vars": {k: env[k] for k in keys if k in env}},
     )
     try:
-        port = servers.start_serve()  # a fresh port if this one is taken
+        port = servers.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = {
             "tracking_uri": uri,
             "state_url": str(tmp_path / "state"),

@@ -487,3 +487,31 @@ def mlflow_server(folder: Path) -> Iterator[str]:
         finally:
             _kill_group(proc)
         return
+
+
+@dataclass
+class TakenPort:
+    """A loopback port another socket listens on, handed out as :func:`free_port`'s next pick."""
+
+    port: int
+    picks: Iterator[int]
+
+    def tried(self) -> bool:
+        """Whether :func:`free_port` has handed the taken port out."""
+        return next(self.picks, None) is None
+
+
+@contextlib.contextmanager
+def first_pick_taken(monkeypatch: Any) -> Iterator[TakenPort]:
+    """Make :func:`free_port` pick a port that is already taken first (then free ones), as a
+    race with another program would; the socket holding it closes on exit."""
+    real_free_port = free_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        picks = iter([port])
+        monkeypatch.setattr(
+            sys.modules[__name__], "free_port", lambda: next(picks, None) or real_free_port()
+        )
+        yield TakenPort(port, picks)

@@ -6,7 +6,6 @@ Fraser sample from ../shared/data, kept to a few years so the whole file runs in
 
 from __future__ import annotations
 
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -313,21 +312,15 @@ def test_interrupted_ingest_is_refused_as_incomplete(fraser, local_fraser, serve
 
 
 def test_a_server_whose_port_was_taken_is_started_on_another(monkeypatch):
-    real_free_port = servers.free_port
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        picks = iter([port])
-        monkeypatch.setattr(servers, "free_port", lambda: next(picks, None) or real_free_port())
+    with servers.first_pick_taken(monkeypatch) as taken:
         try:
             with servers.moto_s3_server() as server:
-                assert server.endpoint != f"http://127.0.0.1:{port}"
+                assert server.endpoint != f"http://127.0.0.1:{taken.port}"
                 bucket = server.make_bucket(unique("retried"))
                 storage.check_writable(f"{bucket}/x", server.options)
         except servers.ServerNotFound as exc:
             pytest.skip(f"object-store server not available: {exc}")
-    assert next(picks, None) is None  # the taken port was tried first
+        assert taken.tried()  # the taken port was tried first
 
 
 def test_a_server_that_never_gets_ready_is_stopped(monkeypatch):

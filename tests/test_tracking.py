@@ -372,16 +372,10 @@ def test_registry_round_trip_through_a_real_server(mlflow_server, mlflow_state):
 
 @pytest.mark.integration
 def test_a_tracking_server_whose_port_was_taken_starts_on_another(tmp_path, monkeypatch):
-    real_free_port = servers.free_port
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        picks = iter([port])
-        monkeypatch.setattr(servers, "free_port", lambda: next(picks, None) or real_free_port())
+    with servers.first_pick_taken(monkeypatch) as taken:
         try:
             with servers.mlflow_server(tmp_path) as uri:
-                assert uri != f"http://127.0.0.1:{port}"
+                assert uri != f"http://127.0.0.1:{taken.port}"
                 tracking.check_tracking(uri)
         except servers.ServerNotFound as exc:
             pytest.skip(str(exc))

@@ -8,7 +8,13 @@
         --members 64 --output outputs/ensembles/forecast.zarr --scenario forecast \
         --condition-data outputs/radolan/precip.zarr --condition-time 2022-10-18T06:50 \
         --condition-y 80 --condition-x 80 --context 4
-    ray job submit --working-dir . -- python jobs/ensemble.py --request request.yaml
+    ray job submit --working-dir . -- python jobs/ensemble.py --request request.yaml --workers 8
+
+Where the members are made (``--workers``): ``auto`` (the default) fans the member chunks out
+over the Ray cluster when there is one (``RAY_ADDRESS`` is set, as under ``ray job submit``),
+one worker per GPU it offers, else per CPU, and runs in this process otherwise; ``local``
+always runs in this process; a number N fans out over N Ray workers (starting a local Ray
+when no cluster is given). Every way writes the same bytes (on one kind of device).
 
 Scenarios: unconditional and extreme (latent models, i.e. the VAE); unconditional,
 interpolation, forecast and extension (diffusion models; the last three conditioned on a
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pydantic import ValidationError
@@ -62,6 +69,11 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
     p.add_argument("--chunk-members", type=int)
     p.add_argument("--endpoint-url", help="object-store endpoint (S3/GCS emulators, MinIO)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--workers",
+        default="auto",
+        help="auto (default), local, or a number of Ray workers (see above)",
+    )
     args = p.parse_args(argv)
     tree: dict = {}
     if args.request:
@@ -97,13 +109,29 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
             scenario.setdefault("condition", {})[part] = value
     if args.endpoint_url:
         tree.setdefault("storage", {})["endpoint_url"] = args.endpoint_url
-    return tree, args.tracking_uri
+    return tree, args.tracking_uri, workers_of(args.workers)
+
+
+def workers_of(value: str) -> int | None:
+    """``--workers`` as a worker count: None for ``local``, 0 for ``auto`` on a cluster."""
+    value = str(value).strip().lower()
+    if value == "local" or (value == "auto" and not os.environ.get("RAY_ADDRESS")):
+        return None
+    if value == "auto":
+        return 0
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ConfigError(f"--workers {value!r}: give auto, local, or a number of Ray workers >= 1")
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
     _common.setup_logging()
     try:
-        tree, tracking_uri = parse(argv)
+        tree, tracking_uri, workers = parse(argv)
     except ConfigError as exc:
         print(f"ensemble: error: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.tracking_uri(tracking_uri)
     try:
         tracking.check_tracking(uri)
-        result = generate(request, tracking_uri=uri, progress=True)
+        if workers is None:
+            result = generate(request, tracking_uri=uri, progress=True)
+        else:
+            from cloudburst.ensembles.fanout import generate_on_cluster
+            from cloudburst.training.job import ensure_ray
+
+            ensure_ray()
+            result = generate_on_cluster(
+                request, workers=workers or None, tracking_uri=uri, progress=True
+            )
     except (EnsembleError, EnsembleStoreError, storage.StorageError, tracking.TrackingError) as exc:
         print(f"ensemble: error: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(result.seconds, 2),
                 "members_per_second": round(rate, 1),
                 "acceptance_rate": result.acceptance_rate,
+                "workers": result.workers,
             },
             indent=2,
         )

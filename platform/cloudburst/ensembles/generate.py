@@ -125,6 +125,7 @@ class EnsembleResult:
     model_version: str
     acceptance_rate: float
     summary: dict[str, Any]
+    workers: int = 1  # processes that wrote chunks (Ray workers of a fan-out)
 
 
 class Generator:
@@ -139,7 +140,16 @@ class Generator:
     stream.
     """
 
-    def __init__(self, request: EnsembleRequest, model: ResolvedModel) -> None:
+    def __init__(
+        self,
+        request: EnsembleRequest,
+        model: ResolvedModel,
+        *,
+        direction: np.ndarray | None = None,
+    ) -> None:
+        """``direction``: the shift direction another process computed for this request
+        (unit length, as recorded in the store); workers of one ensemble take the driver's
+        so that every chunk uses the same proposal."""
         self.request = request
         self.model = model
         packaged = model.packaged
@@ -166,7 +176,14 @@ class Generator:
         self.latent = int(net.latent_size)
         direction = None
         if s.kind == "extreme" and s.proposal == "shift":
-            if s.direction is not None:
+            if direction is not None:
+                direction = np.asarray(direction, dtype=np.float64)
+                if direction.shape != (self.latent,):
+                    raise EnsembleError(
+                        f"a pinned direction has {direction.size} numbers for a latent of "
+                        f"{self.latent}"
+                    )
+            elif s.direction is not None:
                 direction = np.asarray(s.direction, dtype=np.float64)
                 if direction.shape != (self.latent,) or not np.linalg.norm(direction) > 0:
                     raise EnsembleError(
@@ -317,6 +334,33 @@ class Generator:
             start=first,
         )
 
+    def accepted(self, start: int, stop: int) -> np.ndarray:
+        """Draw indices in [start, stop) whose window reaches the threshold, ascending.
+
+        Whether a draw is accepted depends on the draw alone (see the module doc), so draw
+        ranges can be screened in any order, by any process, and give the members
+        :meth:`chunk` accepts."""
+        if self.threshold is None:
+            return np.arange(start, stop, dtype=np.int64)
+        out = []
+        for a in range(start, stop, self.request.batch_size):
+            idx = np.arange(a, min(stop, a + self.request.batch_size), dtype=np.int64)
+            x, _ = self.draws(idx)
+            out.append(idx[x.reshape(len(x), -1).max(axis=1) >= self.threshold])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def members(
+        self, candidates: np.ndarray, draws: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(precip, weight, record) of a chunk whose members are draws ``candidates`` and which
+        accounts for the draws in ``draws`` (accepted or not): what :meth:`chunk` and the
+        single-process path write for that chunk."""
+        x, w = self.draws(np.asarray(candidates, dtype=np.int64))
+        start, end = int(draws[0]), int(draws[1])
+        if self.threshold is None:
+            return x, w, {"draws": [start, end], "weight_sum": float(w.sum())}
+        return x, w, {"draws": [start, end], "weight_sum": draw_weight_sum(self, start, end)}
+
     def chunk(self, layout: Layout, chunk: int, start: int) -> tuple[Any, ...]:
         """Members of ``chunk``: (precip, weight, candidate, record) from draw ``start`` on."""
         a, b = layout.span(chunk)
@@ -351,7 +395,7 @@ class Generator:
         return np.concatenate(xs), np.concatenate(ws), np.concatenate(cs), {"draws": [start, k]}
 
 
-def _chunk_weight_sum(gen: Generator, start: int, end: int) -> float:
+def draw_weight_sum(gen: Generator, start: int, end: int) -> float:
     """Sum of weights of every draw in [start, end) (accepted or not)."""
     if gen.proposal is None:  # plain Monte Carlo: every weight is 1
         return float(end - start)
@@ -434,19 +478,27 @@ def coordinates(observed: ObservedWindow | None) -> dict[str, tuple[np.ndarray, 
     }
 
 
-def generate(
+@dataclass
+class Opened:
+    """An ensemble request bound to its model and its store, ready for chunks to be written."""
+
+    request: EnsembleRequest
+    model: ResolvedModel
+    gen: Generator
+    layout: Layout
+    store: EnsembleStore
+    options: dict[str, Any]
+    complete: dict[str, Any] | None  # the completion marker when the store is already whole
+
+
+def open_ensemble(
     request: EnsembleRequest,
     *,
     model: ResolvedModel | None = None,
     tracking_uri: str | None = None,
-    on_chunk: Callable[[int, int], None] | None = None,
-    progress: bool = False,
-) -> EnsembleResult:
-    """Make (or finish) the ensemble ``request`` asks for; see the module doc.
-
-    ``on_chunk(members_done, members)`` is called after each chunk is written.
-    """
-    t0 = time.perf_counter()
+) -> Opened:
+    """Resolve the model, check the request against it, and create (or reopen, to resume) the
+    output store; ``complete`` is set when an earlier run already finished it."""
     options = storage.options_from(request.output, request.storage)
     storage.check_reachable(request.output, options)
     marker = read_marker(request.output, options)
@@ -465,10 +517,47 @@ def generate(
         units=model.packaged.units,
         coords=coordinates(gen.observed),
     )
-    if marker is not None and marker.get("fingerprint") == store.group.attrs.get(
+    whole = marker is not None and marker.get("fingerprint") == store.group.attrs.get(
         "cloudburst_fingerprint"
-    ):
-        return _result(request, marker, model, 0, t0)
+    )
+    return Opened(request, model, gen, layout, store, options, marker if whole else None)
+
+
+def finish(opened: Opened, written: int, t0: float) -> EnsembleResult:
+    """Write the completion marker once every chunk is in; the run's result."""
+    request, model = opened.request, opened.model
+    records = opened.store.done()
+    draws = max(int(r["draws"][1]) for r in records.values())
+    summary = {
+        "draws": draws,
+        "acceptance_rate": request.members / draws,
+        "draw_weight_sum": float(sum(r["weight_sum"] for r in records.values())),
+        "threshold": opened.gen.threshold,
+        "model_version_uri": model.version_uri,
+    }
+    marker = opened.store.complete(summary)
+    return result_of(request, marker, model, written, t0)
+
+
+def generate(
+    request: EnsembleRequest,
+    *,
+    model: ResolvedModel | None = None,
+    tracking_uri: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    progress: bool = False,
+) -> EnsembleResult:
+    """Make (or finish) the ensemble ``request`` asks for, in this process; see the module doc.
+
+    ``on_chunk(members_done, members)`` is called after each chunk is written.
+    (:func:`cloudburst.ensembles.fanout.generate_on_cluster` spreads the chunks over Ray
+    workers and writes the same bytes.)
+    """
+    t0 = time.perf_counter()
+    opened = open_ensemble(request, model=model, tracking_uri=tracking_uri)
+    if opened.complete is not None:
+        return result_of(request, opened.complete, opened.model, 0, t0)
+    gen, layout, store = opened.gen, opened.layout, opened.store
     done = store.done()
     written = 0
     bar = None
@@ -484,7 +573,7 @@ def generate(
             continue
         x, w, cand, record = gen.chunk(layout, chunk, start)
         if gen.threshold is not None:
-            record["weight_sum"] = _chunk_weight_sum(gen, start, record["draws"][1])
+            record["weight_sum"] = draw_weight_sum(gen, start, record["draws"][1])
         store.write_chunk(chunk, x, w, cand, record)
         written += 1
         start = int(record["draws"][1])
@@ -495,17 +584,7 @@ def generate(
             on_chunk(b, request.members)
     if bar is not None:
         bar.close()
-    records = store.done()
-    draws = max(int(r["draws"][1]) for r in records.values())
-    summary = {
-        "draws": draws,
-        "acceptance_rate": request.members / draws,
-        "draw_weight_sum": float(sum(r["weight_sum"] for r in records.values())),
-        "threshold": gen.threshold,
-        "model_version_uri": model.version_uri,
-    }
-    marker = store.complete(summary)
-    return _result(request, marker, model, written, t0)
+    return finish(opened, written, t0)
 
 
 def _pinned(request: EnsembleRequest, options: dict[str, Any]) -> str | None:
@@ -528,7 +607,7 @@ def _pinned(request: EnsembleRequest, options: dict[str, Any]) -> str | None:
     return str(attrs["model_version_uri"])
 
 
-def _result(
+def result_of(
     request: EnsembleRequest,
     marker: dict[str, Any],
     model: ResolvedModel,

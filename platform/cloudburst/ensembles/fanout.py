@@ -255,7 +255,7 @@ def generate_on_cluster(
         if pool_ready is not None:
             pool_ready(pool)
         if gen.threshold is None:
-            tasks = plain_tasks(layout, done)
+            tasks = list(plain_tasks(layout, done))
         else:
             plan = screening(
                 layout,

@@ -36,27 +36,14 @@ class ChunkTask:
     candidates: np.ndarray  # int64
     draws: tuple[int, int]
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "chunk": self.chunk,
-            "candidates": [int(k) for k in self.candidates],
-            "draws": list(self.draws),
-        }
 
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> ChunkTask:
-        cand = np.asarray(body["candidates"], dtype=np.int64)
-        return cls(int(body["chunk"]), cand, (int(body["draws"][0]), int(body["draws"][1])))
-
-
-def plain_tasks(layout: Layout, done: dict[int, Any]) -> list[ChunkTask]:
-    """Tasks of the chunks not yet written when every draw is a member."""
-    out = []
+def plain_tasks(layout: Layout, done: dict[int, Any]) -> Iterator[ChunkTask]:
+    """Tasks of the chunks not yet written when every draw is a member (made lazily: a
+    scheduler holds the tasks in flight, not the whole ensemble's)."""
     for c in range(layout.chunks):
         if c not in done:
             a, b = layout.span(c)
-            out.append(ChunkTask(c, np.arange(a, b, dtype=np.int64), (a, b)))
-    return out
+            yield ChunkTask(c, np.arange(a, b, dtype=np.int64), (a, b))
 
 
 def resume_point(layout: Layout, done: dict[int, dict[str, Any]]) -> tuple[int, int]:

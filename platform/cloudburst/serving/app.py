@@ -8,14 +8,19 @@
 
 The ingress (``EnsembleAPI``) reads the body within bounds (size, nesting, finite numbers),
 validates it, checks it against the server's limits and places (``settings``), pins the model
-alias to a version, records the job in the state store (``jobs``) and hands it to
-``EnsembleGenerator`` replicas without waiting: they load models from the MLflow registry by URI
-(multiplexed, least recently used evicted), run the engine of ``cloudburst.ensembles.generate``
-in a worker thread and record progress per chunk, stopping at the next chunk once the job is
-cancelled or past its deadline. Job state lives in the state store, never only in memory: a
-replica that dies mid-request is replaced and the job driven again (up to ``max_attempts``),
-and the engine writes only the chunks that are missing, so the store ends with every member
-once and the same bytes. Every job ends done, failed or cancelled.
+alias to a version, records the job in the state store (``jobs``) and drives it without making
+the caller wait: the job is cut into work units (:mod:`cloudburst.ensembles.plan`) that run as
+separate calls on the ``EnsembleGenerator`` replicas (:mod:`cloudburst.serving.generator`):
+plan the store, screen draw blocks (rejecting scenarios), write member chunks, finish. A job
+keeps at most ``job_chunks_in_flight`` calls in flight (default one per replica), so one large
+request spreads over every replica (which autoscale on the calls waiting) while concurrent
+requests share them chunk by chunk: a 10^6-member job does not starve a 10^3-member one.
+Progress is recorded per chunk; once a job is cancelled or past its deadline no new call is
+made and queued ones skip their work. Job state lives in the state store, never only in
+memory: a replica that dies mid-job is replaced and the job driven again (up to
+``max_attempts``), writing only the chunks that are missing, so the store ends with every
+member once and the same bytes; a new ingress replica drives again the jobs its predecessor
+left unfinished. Every job ends done, failed or cancelled.
 
 Object storage is reached with the server's storage settings of the prefix a place lies in;
 a request carrying its own ``storage`` is refused. Messages name places as the caller wrote
@@ -26,10 +31,8 @@ them, or by prefix, never by the server's absolute paths or storage endpoints.
 """
 
 import asyncio
-import dataclasses
 import hmac
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -42,29 +45,17 @@ from ray import serve
 from cloudburst import storage, tracking
 from cloudburst.config import StorageConfig
 from cloudburst.serving.body import parse_json, read_body
-from cloudburst.serving.jobs import (
-    JOB_ID,
-    TERMINAL,
-    JobStopped,
-    JobStore,
-    deadline_message,
-)
+from cloudburst.serving.drive import JobDriver, JobFailed
+from cloudburst.serving.generator import MODELS_PER_REPLICA, EnsembleGenerator, job_store
+from cloudburst.serving.jobs import JOB_ID, TERMINAL, JobStopped, deadline_message
 from cloudburst.serving.settings import ApiError, ServeSettings
 
 __all__ = ["TERMINAL", "ApiError", "EnsembleAPI", "EnsembleGenerator", "ServeSettings", "build"]
 
 log = logging.getLogger(__name__)
 
-# models kept loaded per generator replica (least recently used evicted); read at import,
-# since Serve fixes the multiplexing bound when the deployment class is defined
-MODELS_PER_REPLICA = int(os.environ.get("CLOUDBURST_MODELS_PER_REPLICA", "2"))
 API_KEY_HEADER = "X-API-Key"
 DEADLINE_GRACE_S = 60.0  # the ingress stops waiting this long after a job's deadline
-
-
-def job_store(settings: ServeSettings) -> JobStore:
-    url = settings.state_url
-    return JobStore(url, storage.storage_options(url, extra=settings.storage_options))
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -73,102 +64,6 @@ def validation_message(exc: ValidationError) -> str:
 
 def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-
-# ---------------------------------------------------------------------------------- generator
-
-
-@serve.deployment(name="EnsembleGenerator", max_ongoing_requests=2)
-class EnsembleGenerator:
-    """Runs requests through the engine; models multiplexed by pinned version URI."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        import torch
-
-        self.settings = ServeSettings.model_validate(settings)
-        self.jobs = job_store(self.settings)
-        self.tracking_uri = tracking.tracking_uri(self.settings.tracking_uri)
-        torch.set_num_threads(max(1, int(self.settings.cpus_per_replica)))
-
-    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
-    async def load(self, version_uri: str) -> Any:
-        from cloudburst.ensembles.generate import resolve
-
-        model = await asyncio.to_thread(resolve, version_uri, self.tracking_uri)
-        if self.settings.gpus_per_replica > 0:
-            import torch
-
-            if torch.cuda.is_available():
-                model.packaged.model.to("cuda")
-        return model
-
-    async def run(self, job_id: str, request_json: dict[str, Any]) -> dict[str, Any]:
-        from cloudburst.ensembles.request import EnsembleRequest
-
-        stop = await asyncio.to_thread(self.jobs.stop_reason, job_id)
-        if stop is not None:  # cancelled or past its deadline while queued
-            await asyncio.to_thread(
-                self.jobs.update, job_id, status=stop.status, error=stop.message
-            )
-            return {"status": stop.status}
-        request = EnsembleRequest.model_validate(request_json)
-        model = await self.load(serve.get_multiplexed_model_id())
-        model = dataclasses.replace(model, uri=request.model)
-        # the whole job, records included, runs in the thread: it ends by itself even if
-        # this call is abandoned (a deadline reached by the ingress)
-        return await asyncio.to_thread(self.work, job_id, request, model)
-
-    def work(self, job_id: str, request: Any, model: Any) -> dict[str, Any]:
-        """Generate ``request`` and record how it ended (in a worker thread)."""
-        from cloudburst.ensembles.generate import EnsembleError, generate
-        from cloudburst.ensembles.store import EnsembleStoreError
-
-        settings = self.settings
-        request = request.model_copy(update={"storage": settings.storage_for(request.output)})
-        self.jobs.update(job_id, status="running")
-        written = {"members": 0}
-
-        def progress(done: int, total: int) -> None:
-            written["members"] = done
-            self.jobs.set_progress(job_id, done)
-            stop = self.jobs.stop_reason(job_id)
-            if stop is not None:
-                raise stop
-
-        try:
-            result = generate(
-                request, model=model, tracking_uri=self.tracking_uri, on_chunk=progress
-            )
-        except JobStopped as exc:
-            self.jobs.update(
-                job_id, status=exc.status, error=exc.message, halted_at=written["members"]
-            )
-            return {"status": exc.status}
-        except storage.StorageError as exc:
-            log.warning("job %s: storage failed: %s", job_id, exc)
-            prefix = settings.output_prefix(request.output)
-            message = (
-                settings.unavailable(prefix) if prefix is not None else settings.redact(str(exc))
-            )
-            self.jobs.update(job_id, status="failed", error=message)
-            return {"status": "failed"}
-        except (EnsembleError, EnsembleStoreError) as exc:
-            self.jobs.update(job_id, status="failed", error=settings.redact(str(exc)))
-            return {"status": "failed"}
-        except Exception as exc:  # noqa: BLE001 - the job fails, the replica keeps serving
-            log.exception("job %s failed", job_id)
-            error = settings.redact(f"{type(exc).__name__}: {exc}")
-            self.jobs.update(job_id, status="failed", error=error)
-            return {"status": "failed"}
-        self.jobs.update(
-            job_id,
-            status="done",
-            members_done=result.members,
-            seconds=round(result.seconds, 3),
-            acceptance_rate=result.acceptance_rate,
-            model_version=result.model_version,
-        )
-        return {"status": "done"}
 
 
 # ---------------------------------------------------------------------------------- ingress
@@ -399,13 +294,22 @@ class EnsembleAPI:
             deadline = float(record.get("deadline") or time.time() + s.job_deadline_s)
             wait = max(0.0, deadline - time.time()) + DEADLINE_GRACE_S
             try:
-                await asyncio.wait_for(handle.run.remote(job_id, request), timeout=wait)
+                drive = JobDriver(self.jobs, self.settings, handle)
+                await asyncio.wait_for(drive.run(job_id, request), timeout=wait)
                 return
             except TimeoutError:
                 message = deadline_message(
                     float(record.get("deadline_s", s.job_deadline_s)), s.job_deadline_s
                 )
                 await asyncio.to_thread(self.jobs.update, job_id, status="failed", error=message)
+                return
+            except JobStopped as exc:
+                await asyncio.to_thread(
+                    self.jobs.update, job_id, status=exc.status, error=exc.message
+                )
+                return
+            except JobFailed as exc:
+                await asyncio.to_thread(self.jobs.update, job_id, status="failed", error=str(exc))
                 return
             except (
                 RayActorError,

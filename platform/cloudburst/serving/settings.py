@@ -103,12 +103,23 @@ class ServeSettings(BaseModel):
     max_replicas: int = Field(2, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
+    job_chunks_in_flight: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="chunk calls one job keeps in flight on the generator replicas (its share "
+        "of them: concurrent jobs interleave chunk by chunk); 0 = max_replicas",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options of the state store (state_url)"
     )
 
     def key(self) -> str | None:
         return self.api_key or os.environ.get(self.api_key_env) or None
+
+    def chunks_in_flight(self) -> int:
+        """Work units one job keeps in flight (``job_chunks_in_flight``, or one per replica)."""
+        return self.job_chunks_in_flight or self.max_replicas
 
     # ------------------------------------------------------------ resolution
 

@@ -23,20 +23,18 @@ the smallest (target: 100k within 1.2x of 1k). Cost on 2 CPU cores: a few minute
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
-from _common import ROOT  # before cloudburst: package path, quiet defaults
+from _common import ROOT, submit_and_wait  # before cloudburst: package path, quiet defaults
 from cloudburst import tracking
 from cloudburst.config import VAEConfig
 from cloudburst.data.transforms import Scale
@@ -114,20 +112,8 @@ def http(uri: str, output: str, members: int, workdir: Path) -> tuple[float, flo
     base = f"http://127.0.0.1:{port}"
 
     def submit(out: str, n: int) -> tuple[dict, float]:
-        body = json.dumps(ask(out, n).model_dump(mode="json")).encode()
         t0 = time.perf_counter()
-        req = urllib.request.Request(f"{base}/v1/ensembles", data=body, method="POST")
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            job_id = json.loads(resp.read())["id"]
-        while True:
-            with urllib.request.urlopen(f"{base}/v1/ensembles/{job_id}", timeout=60) as resp:
-                state = json.loads(resp.read())
-            if state["status"] in ("done", "failed"):
-                break
-            time.sleep(0.5)
-        if state["status"] != "done":
-            raise RuntimeError(f"HTTP job failed: {state}")
+        state = submit_and_wait(base, ask(out, n))
         return state, time.perf_counter() - t0
 
     try:

@@ -231,7 +231,7 @@ def test_the_job_takes_the_conditional_scenarios_as_flags(store):
     spec = importlib.util.spec_from_file_location("ensemble_job", jobs / "ensemble.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    tree, _ = module.parse(
+    tree, _, _ = module.parse(
         ["--model", "models:/d/1", "--members", "3", "--output", "o.zarr",
          "--scenario", "extension", "--length", "20", "--context", "2", "--guidance", "5",
          "--condition-data", store, "--condition-time", START, "--condition-y", "1",

@@ -19,7 +19,9 @@ Every other request is forwarded unchanged (one request at a time per client con
 keep-alive, Content-Length and chunked bodies) and its answer relayed. ``injected`` counts the
 faults, ``by_kind`` them per kind, ``forwarded`` the requests that reached the server,
 ``by_method`` every request received per HTTP method, ``delayed`` the requests held for
-``delay_s`` and ``delayed_s`` the delay injected in all.
+``delay_s`` and ``delayed_s`` the delay injected in all. ``in_flight`` is the number of
+requests received and not yet answered (or dropped), ``max_in_flight`` the most there were at
+once: above 1, the client had requests overlapping in time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class FaultProxy:
         self.forwarded = 0
         self.delayed = 0
         self.delayed_s = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.by_kind: collections.Counter[str] = collections.Counter()
         self.by_method: collections.Counter[str] = collections.Counter()
         self._server: ThreadingHTTPServer | None = None
@@ -97,14 +101,27 @@ class FaultProxy:
             return kind
 
     def arrive(self, method: str) -> None:
-        """Count a request by ``method``, then hold it for ``delay_s`` (none when it is 0)."""
+        """Count a request by ``method`` (and as in flight until :meth:`depart`), then hold it
+        for ``delay_s`` (none when it is 0)."""
         with self._lock:
             self.by_method[method] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             if self.delay_s > 0.0:
                 self.delayed += 1
                 self.delayed_s += self.delay_s
         if self.delay_s > 0.0:
             time.sleep(self.delay_s)
+
+    def reset_max_in_flight(self) -> None:
+        """Start :attr:`max_in_flight` afresh from the requests in flight now."""
+        with self._lock:
+            self.max_in_flight = self.in_flight
+
+    def depart(self) -> None:
+        """A request that :meth:`arrive` counted has been answered (or dropped)."""
+        with self._lock:
+            self.in_flight -= 1
 
     def __enter__(self) -> FaultProxy:
         proxy = self
@@ -196,6 +213,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._body()
         self.owner.arrive(self.command)
+        try:
+            self._answer(body)
+        finally:
+            self.owner.depart()
+
+    def _answer(self, body: bytes) -> None:
         kind = self.owner.draw()
         if kind == "drop":
             return self._drop()

@@ -73,3 +73,29 @@ def test_faulted_requests_are_delayed_too(s3_server, probe):
 def test_a_negative_or_nan_delay_is_refused(delay_s):
     with pytest.raises(ValueError, match="delay_s"):
         FaultProxy("http://127.0.0.1:1", fraction=0.0, delay_s=delay_s)
+
+
+def test_requests_in_flight_are_counted(s3_server, probe):
+    import http.client
+    import urllib.parse
+
+    with FaultProxy(s3_server.endpoint, fraction=0.0, delay_s=0.3) as proxy:
+        parsed = urllib.parse.urlsplit(proxy.endpoint)
+        fs = s3(proxy.endpoint)
+        for _ in range(3):  # one after the other: never two at once
+            assert fs.cat_file(probe, start=0, end=len(PAYLOAD)) == PAYLOAD
+        serial = proxy.max_in_flight
+        proxy.reset_max_in_flight()
+        conns = [
+            http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10) for _ in "abc"
+        ]
+        for conn in conns:  # all sent before any answer is read: each held 0.3 s at once
+            conn.request("GET", "/moto-api/")  # moto's own page: no signature needed
+        statuses = []
+        for conn in conns:
+            statuses.append(conn.getresponse().status)
+            conn.close()
+        overlapped = proxy.max_in_flight
+    assert serial == 1
+    assert statuses == [200, 200, 200]
+    assert overlapped >= 2

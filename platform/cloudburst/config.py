@@ -177,6 +177,12 @@ class LoaderConfig(Strict):
     num_workers: int = Field(0, ge=0)
     cache_blocks: int = Field(8, ge=2, description="decoded chunks kept in memory per process")
     shuffle_buffer_blocks: int = Field(4, ge=1)
+    prefetch_requests: int = Field(
+        16,
+        ge=0,
+        le=256,
+        description="chunk reads kept in flight per loader process (0 or 1: one at a time)",
+    )
 
 
 class DataConfig(Strict):

@@ -59,6 +59,7 @@ DEFAULT_TIMEOUT_S = 60.0
 RETRY_MODES = ("standard", "adaptive")
 S3FS_REPEATS = 5  # s3fs.S3FileSystem.retries: its own loop around botocore's
 GCSFS_ATTEMPTS = 6  # gcsfs.retry.retry_request's default, used by every GCS request
+BOTOCORE_POOL = 10  # botocore.config.Config's default max_pool_connections
 
 
 class StorageError(RuntimeError):
@@ -276,15 +277,37 @@ def check_reachable(url: str, options: dict[str, Any] | None = None) -> None:
         )
 
 
-def zarr_store(url: str, options: dict[str, Any] | None, read_only: bool = False) -> Any:
+def zarr_options(url: str, options: dict[str, Any] | None, requests: int = 1) -> dict[str, Any]:
+    """The fsspec options to open the Zarr store ``url`` with: ``options``, tuned on S3.
+
+    On S3, ``max_concurrency`` defaults to 1 (unless ``options`` set it): zarr reads every
+    chunk as a whole object, and s3fs with ``max_concurrency`` > 1 sends a HEAD before each
+    whole-object GET to decide whether to split it into parallel ranged GETs (only objects
+    over its 50 MB block size are split). Chunks are far smaller, and zarr and the loader
+    keep many chunk requests in flight themselves, so the HEAD would only add a round trip.
+    ``requests``: how many requests the caller keeps in flight at once; on S3 the client's
+    connection pool (botocore's ``max_pool_connections``, 10 by default) is made at least
+    that large, so they do not queue for a connection.
+    """
+    opts = dict(options or {})
+    if protocol_of(url) == "s3":
+        opts.setdefault("max_concurrency", 1)
+        config = dict(opts.get("config_kwargs") or {})
+        if requests > config.get("max_pool_connections", BOTOCORE_POOL):
+            opts["config_kwargs"] = {**config, "max_pool_connections": int(requests)}
+    return opts
+
+
+def zarr_store(
+    url: str, options: dict[str, Any] | None, read_only: bool = False, requests: int = 1
+) -> Any:
     """The Zarr v3 store object for ``url``: an ``FsspecStore`` on object storage (with
-    ``options``), a ``LocalStore`` for a local path or ``file://`` URL."""
+    :func:`zarr_options`), a ``LocalStore`` for a local path or ``file://`` URL."""
     import zarr  # not every user of this module needs it loaded
 
     if is_remote(url):
-        return zarr.storage.FsspecStore.from_url(
-            url, storage_options=dict(options or {}), read_only=read_only
-        )
+        opts = zarr_options(url, options, requests)
+        return zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
     return zarr.storage.LocalStore(local_path(url), read_only=read_only)
 
 

@@ -320,7 +320,7 @@ def ingest(
         markers.remove_marker(target, target_options, legacy=(LEGACY_MARKER,))
 
     zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
-    so = target_options if storage.is_remote(target) else None
+    so = storage.zarr_options(target, target_options) if storage.is_remote(target) else None
     encoding = {PRECIP: {"chunks": (layout["time"], layout["y"], layout["x"])}}
     for name in ds.coords:
         ds[name].encoding = {}
@@ -414,7 +414,8 @@ def open_store(target: str, options: dict[str, Any] | None = None) -> tuple[xr.D
                 "finish. Re-run the ingest."
             )
         raise StoreError(f"no store at {target}. Create it with `cloudburst ingest`.")
-    zarr_target = storage.local_path(target) if not storage.is_remote(target) else target
+    remote = storage.is_remote(target)
+    zarr_target = target if remote else storage.local_path(target)
     with warnings.catch_warnings():  # zarr notes the marker is not a zarr node: it is ours
         warnings.filterwarnings("ignore", message=".*not recognized as a component")
         ds = xr.open_zarr(
@@ -422,7 +423,7 @@ def open_store(target: str, options: dict[str, Any] | None = None) -> tuple[xr.D
             chunks=None,
             consolidated=False,
             zarr_format=3,
-            storage_options=options if storage.is_remote(target) else None,
+            storage_options=storage.zarr_options(target, options) if remote else None,
         )
     return ds, StoreStats.from_dict(marker["stats"])
 

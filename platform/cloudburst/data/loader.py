@@ -8,7 +8,19 @@ from an LRU cache of decoded chunks, and windows are cut from it as numpy views.
 Shuffling is block-level: ``shuffle_buffer_blocks`` consecutive time slabs of chunks form a
 run, runs are visited in a random order (seeded by seed and epoch), and the windows of one run
 are shuffled together. The chunk cache holds at least two time slabs, so each chunk is decoded
-about once per epoch. Memory is bounded by the cache and one run, not by the store.
+about once per epoch.
+
+Reads at cloud latency: with ``prefetch_requests`` > 1, when a run starts the chunks it needs
+and those of the next run are requested at once from a pool of that many threads (zarr turns
+each into one GET), so a run is read in a few round trips instead of one per chunk, and the
+next run arrives while this one is consumed. The chunks of the current and the next run are
+held until their run ends (each fetched once for both runs that need it), then dropped. The
+pool is created per iteration, in the process that iterates, and shut down (its requests in
+flight awaited, queued ones cancelled) when the iteration ends, fails or is closed early.
+``prefetch_requests`` of 0 or 1 reads chunk by chunk when a block needs them, as before.
+
+Memory is bounded by the cache, the chunks of two runs (current and next; none with
+prefetching off) and the regions of one run, not by the store.
 
 Sharding: the epoch's window sequence is cut into equal contiguous parts, one per Ray Train
 rank, then one per DataLoader worker, so every rank sees the same number of windows (DDP
@@ -18,8 +30,10 @@ handle crosses a fork or a pickle), so the dataset is safe with spawn/forkserver
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,11 +47,13 @@ from cloudburst.data.transforms import Transform
 from cloudburst.data.windows import WindowIndex
 
 
-def open_array(store: str, options: dict[str, Any] | None = None) -> Any:
-    """The ``precip`` zarr array of a store, opened directly (no xarray, no dask)."""
+def open_array(store: str, options: dict[str, Any] | None = None, requests: int = 1) -> Any:
+    """The ``precip`` zarr array of a store, opened directly (no xarray, no dask), for a reader
+    that keeps up to ``requests`` chunk reads in flight."""
     import zarr
 
-    group = zarr.open_group(storage.zarr_store(store, options, read_only=True), mode="r")
+    zstore = storage.zarr_store(store, options, read_only=True, requests=requests)
+    group = zarr.open_group(zstore, mode="r", zarr_format=3)  # no probing for v2 metadata
     return group[PRECIP]
 
 
@@ -52,53 +68,94 @@ def ray_rank() -> tuple[int, int]:
         return 0, 1
 
 
-class ChunkCache:
-    """Decoded chunks of one zarr array, least recently used evicted; counts decodes."""
+Key = tuple[int, ...]
+PREFETCH_THREAD_PREFIX = "cloudburst-prefetch"
 
-    def __init__(self, array: Any, capacity: int) -> None:
+
+class ChunkCache:
+    """Decoded chunks of one zarr array, least recently used evicted; counts decodes.
+
+    With a ``pool``, :meth:`prefetch` reads chunks ahead in its threads and holds them (with
+    cached chunks it pins) until :meth:`release`; without one, :meth:`get` reads on a miss.
+    """
+
+    def __init__(self, array: Any, capacity: int, pool: ThreadPoolExecutor | None = None) -> None:
         self.array = array
         self.capacity = max(1, capacity)
         self.chunk = tuple(int(c) for c in array.chunks)
         self.shape = tuple(int(s) for s in array.shape)
-        self._lru: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.pool = pool
+        self._lru: OrderedDict[Key, np.ndarray] = OrderedDict()
+        self._held: dict[Key, Future[np.ndarray]] = {}
+        self._count = threading.Lock()
         self.decoded = 0
         self.bytes_decoded = 0
 
-    def get(self, key: tuple[int, ...]) -> np.ndarray:
-        hit = self._lru.get(key)
-        if hit is not None:
-            self._lru.move_to_end(key)
-            return hit
+    def read(self, key: Key) -> np.ndarray:
+        """Chunk ``key`` read and decoded from the store (thread-safe; counted)."""
         sl = tuple(
             slice(k * c, min((k + 1) * c, n))
             for k, c, n in zip(key, self.chunk, self.shape, strict=True)
         )
         data = np.asarray(self.array[sl])
-        self.decoded += 1
-        self.bytes_decoded += data.nbytes
+        with self._count:
+            self.decoded += 1
+            self.bytes_decoded += data.nbytes
+        return data
+
+    def get(self, key: Key) -> np.ndarray:
+        hit = self._lru.get(key)
+        if hit is not None:
+            self._lru.move_to_end(key)
+            return hit
+        held = self._held.get(key)
+        data = held.result() if held is not None else self.read(key)
         self._lru[key] = data
         while len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
         return data
 
-    def region(self, start: tuple[int, int, int], stop: tuple[int, int, int]) -> np.ndarray:
-        """``array[start:stop]`` assembled from cached chunks."""
-        out = np.empty([b - a for a, b in zip(start, stop, strict=True)], dtype=np.float32)
+    def prefetch(self, keys: Iterable[Key]) -> None:
+        """Hold ``keys`` until :meth:`release`: cached chunks pinned, the others requested
+        from the pool in this order (none without a pool)."""
+        if self.pool is None:
+            return
+        for key in keys:
+            if key in self._held:
+                continue
+            hit = self._lru.get(key)
+            if hit is None:
+                self._held[key] = self.pool.submit(self.read, key)
+            else:
+                pinned: Future[np.ndarray] = Future()
+                pinned.set_result(hit)
+                self._held[key] = pinned
+
+    def release(self, keep: Iterable[Key] = ()) -> None:
+        """Stop holding every chunk but ``keep``; reads not yet started are cancelled."""
+        keep = set(keep)
+        for key in [k for k in self._held if k not in keep]:
+            self._held.pop(key).cancel()
+
+    def keys(self, start: tuple[int, ...], stop: tuple[int, ...]) -> list[Key]:
+        """The chunks ``array[start:stop]`` covers, in the order :meth:`region` reads them."""
         ranges = [
             range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, self.chunk, strict=True)
         ]
-        for kt in ranges[0]:
-            for ky in ranges[1]:
-                for kx in ranges[2]:
-                    key = (kt, ky, kx)
-                    data = self.get(key)
-                    src, dst = [], []
-                    for d, k in enumerate(key):
-                        c0 = k * self.chunk[d]
-                        lo, hi = max(start[d], c0), min(stop[d], c0 + data.shape[d])
-                        src.append(slice(lo - c0, hi - c0))
-                        dst.append(slice(lo - start[d], hi - start[d]))
-                    out[tuple(dst)] = data[tuple(src)]
+        return [(kt, ky, kx) for kt in ranges[0] for ky in ranges[1] for kx in ranges[2]]
+
+    def region(self, start: tuple[int, int, int], stop: tuple[int, int, int]) -> np.ndarray:
+        """``array[start:stop]`` assembled from cached chunks."""
+        out = np.empty([b - a for a, b in zip(start, stop, strict=True)], dtype=np.float32)
+        for key in self.keys(start, stop):
+            data = self.get(key)
+            src, dst = [], []
+            for d, k in enumerate(key):
+                c0 = k * self.chunk[d]
+                lo, hi = max(start[d], c0), min(stop[d], c0 + data.shape[d])
+                src.append(slice(lo - c0, hi - c0))
+                dst.append(slice(lo - start[d], hi - start[d]))
+            out[tuple(dst)] = data[tuple(src)]
         return out
 
 
@@ -108,6 +165,9 @@ class WindowDataset(IterableDataset):
     Each item: ``x`` float32 (1, length, y, x) with NaN filled by ``fill_value`` (then
     transformed), ``mask`` bool (1, length, y, x) true where data are valid, ``origin`` int64
     (t0, y0, x0).
+
+    ``prefetch_requests``: chunk reads kept in flight while a run is read and the next one
+    fetched (see the module doc); 0 or 1 reads chunks one at a time, when a block needs them.
     """
 
     def __init__(
@@ -125,6 +185,7 @@ class WindowDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         return_mask: bool = True,
+        prefetch_requests: int = 16,
     ) -> None:
         super().__init__()
         if read_marker(store, storage_options) is None:
@@ -140,6 +201,9 @@ class WindowDataset(IterableDataset):
         self.fill_value = float(fill_value)
         self.rank, self.world_size = rank, world_size
         self.return_mask = return_mask
+        if prefetch_requests < 0:
+            raise ValueError(f"prefetch_requests must be >= 0 (got {prefetch_requests})")
+        self.prefetch_requests = int(prefetch_requests)
         self.epoch = 0
         self._array: Any = None
         self.stats = {"decoded_chunks": 0, "decoded_bytes": 0}
@@ -207,8 +271,7 @@ class WindowDataset(IterableDataset):
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # small per-window ops are far faster single-threaded
         if self._array is None:
-            self._array = open_array(self.store, self.storage_options)
-        cache = ChunkCache(self._array, self.cache_chunks)
+            self._array = open_array(self.store, self.storage_options, self.prefetch_requests)
         ids, runs = self.my_share()
         rng = np.random.default_rng(
             [
@@ -219,26 +282,53 @@ class WindowDataset(IterableDataset):
             ]
         )
         bounds = np.r_[0, np.nonzero(np.diff(runs))[0] + 1, len(ids)]
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+        pool = None
+        if self.prefetch_requests > 1 and spans:
+            pool = ThreadPoolExecutor(
+                max_workers=self.prefetch_requests, thread_name_prefix=PREFETCH_THREAD_PREFIX
+            )
+        cache = ChunkCache(self._array, self.cache_chunks, pool=pool)
         try:
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            ahead = self._chunk_keys(cache, ids[spans[0][0] : spans[0][1]]) if pool else []
+            cache.prefetch(ahead)
+            for i, (a, b) in enumerate(spans):
+                if pool is not None and i + 1 < len(spans):  # the next run, behind this one
+                    ahead = self._chunk_keys(cache, ids[spans[i + 1][0] : spans[i + 1][1]])
+                    cache.prefetch(ahead)
+                else:
+                    ahead = []
                 yield from self._run(cache, ids[a:b], rng)
+                cache.release(keep=ahead)
         finally:
+            cache.release()
+            if pool is not None:  # also when the consumer stops early: no thread outlives it
+                pool.shutdown(wait=True, cancel_futures=True)
             self.stats["decoded_chunks"] += cache.decoded
             self.stats["decoded_bytes"] += cache.bytes_decoded
+
+    def _blocks(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(origins, region start, region stop) of each block of windows ``ids``, in order."""
+        shape = np.asarray(self.index.shape)
+        origins = self.index.origins[ids]
+        blocks = self._block[ids]
+        for block in np.unique(blocks):
+            o = origins[blocks == block]
+            yield o, o.min(axis=0), o.max(axis=0) + shape
+
+    def _chunk_keys(self, cache: ChunkCache, ids: np.ndarray) -> list[Key]:
+        """The chunks the blocks of windows ``ids`` read, each once, in reading order."""
+        keys: dict[Key, None] = {}
+        for _, start, stop in self._blocks(ids):
+            keys.update(dict.fromkeys(cache.keys(tuple(start), tuple(stop))))
+        return list(keys)
 
     def _run(
         self, cache: ChunkCache, ids: np.ndarray, rng: np.random.Generator
     ) -> Iterator[dict[str, torch.Tensor]]:
         length, sy, sx = self.index.shape
-        shape = np.asarray([length, sy, sx])
-        origins = self.index.origins[ids]
-        blocks = self._block[ids]
         pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = []
-        for block in np.unique(blocks):
-            sel = blocks == block
-            o = origins[sel]
-            start = o.min(axis=0)
-            stop = o.max(axis=0) + shape
+        for o, start, stop in self._blocks(ids):
             raw = cache.region(tuple(start), tuple(stop))
             valid = ~np.isnan(raw)
             filled = np.where(valid, raw, np.float32(self.fill_value))

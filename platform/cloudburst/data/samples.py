@@ -54,6 +54,7 @@ def split_windows(
         transform=transform,
         shuffle=False,
         cache_blocks=cfg.data.loader.cache_blocks,
+        prefetch_requests=cfg.data.loader.prefetch_requests,
         rank=0,
         world_size=1,
     )

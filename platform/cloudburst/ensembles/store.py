@@ -13,9 +13,10 @@ Layout (xarray opens it with ``xr.open_zarr(url, consolidated=False)``):
 - group attributes: provenance (model URI and resolved version, run id, the request, the seed
   rule, package version, creation time).
 
-Progress: after a member chunk's data is written, ``_cloudburst/progress/chunk-NNNNNNNN.json``
-records it; a resumed request writes only the chunks without one. ``_cloudburst/complete.json``
-is written last: a store without it never reads as complete. (``_cloudburst`` is a Zarr
+Progress: after a member chunk's data is written (its three objects concurrently),
+``_cloudburst/progress/chunk-NNNNNNNN.json`` records it; a resumed request writes only the
+chunks without one. ``_cloudburst/complete.json`` is written last: a store without it never
+reads as complete. (``_cloudburst`` is a Zarr
 subgroup, so readers listing the store see nothing foreign.)
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,9 +244,20 @@ class EnsembleStore:
             raise ValueError(
                 f"chunk {chunk} needs {(b - a, *self.layout.window)}, got {precip.shape}"
             )
-        self.group["precip"][a:b] = precip.astype(np.float32, copy=False)
-        self.group["weight"][a:b] = weight.astype(np.float64, copy=False)
-        self.group["candidate"][a:b] = candidate.astype(np.int64, copy=False)
+        parts = {
+            "precip": precip.astype(np.float32, copy=False),
+            "weight": weight.astype(np.float64, copy=False),
+            "candidate": candidate.astype(np.int64, copy=False),
+        }
+
+        def put(name: str) -> None:
+            self.group[name][a:b] = parts[name]
+
+        # the chunk's objects are written concurrently (object storage answers in tens of ms),
+        # its progress record only once they are all in
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="cloudburst-chunk-write") as pool:
+            for done in [pool.submit(put, name) for name in parts]:
+                done.result()
         body = {"chunk": chunk, "members": [a, b], **record}
         storage.write_sidecar(
             self.url, f"progress/chunk-{chunk:08d}.json", json.dumps(body).encode(), self.options

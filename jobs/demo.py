@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         transform=for_data(stats, cfg.data.scaling, cfg.data.transform),
         cache_blocks=cfg.data.loader.cache_blocks,
         shuffle_buffer_blocks=cfg.data.loader.shuffle_buffer_blocks,
+        prefetch_requests=cfg.data.loader.prefetch_requests,
     )
     loader = make_loader(dataset, cfg.data.loader.batch_size)
     t0, n, batch = time.perf_counter(), 0, None

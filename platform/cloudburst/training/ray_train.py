@@ -2,8 +2,11 @@
 
 Each worker opens the store itself, reads only its shard (``WindowDataset`` shards by world
 rank), trains a DDP copy of the model, and reports per-epoch metrics with a checkpoint.
-Checkpoints go to ``run.storage_path/run.name``; re-running with the same name resumes from the
-latest one, and ``FailureConfig`` restarts a failed worker group from it.
+Checkpoints go to ``run.storage_path/run.name``, a local folder or object storage (``s3://``,
+``gs://``, through :func:`cloudburst.arrow_fs.ray_storage` with the config's storage options):
+on several nodes, object storage, which every node reaches. Ray keeps the index of a run's
+checkpoints there too, so re-running with the same name resumes from the latest one whichever
+node runs it, and ``FailureConfig`` restarts a failed worker group (on any node) from it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cloudburst import compat, storage
+from cloudburst import arrow_fs, compat, storage
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.ingest import StoreStats, open_store
 from cloudburst.data.loader import WindowDataset, make_loader
@@ -71,6 +74,7 @@ def train_worker(config: dict[str, Any]) -> None:
         "transform": transform,
         "cache_blocks": cfg.data.loader.cache_blocks,
         "shuffle_buffer_blocks": cfg.data.loader.shuffle_buffer_blocks,
+        "prefetch_requests": cfg.data.loader.prefetch_requests,
     }
     train_ds = WindowDataset(cfg.data.store, train_idx, shuffle=True, seed=cfg.train.seed, **common)
     val_ds = WindowDataset(
@@ -293,6 +297,9 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
+    storage_path, filesystem = arrow_fs.ray_storage(
+        cfg.run.storage_path, storage.options_from(cfg.run.storage_path, cfg.storage)
+    )
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -310,7 +317,8 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
                 checkpoint_score_attribute="val_loss",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cloudburst import storage, tracking
+from cloudburst import arrow_fs, storage, tracking
 from cloudburst.config import StorageConfig
 from cloudburst.ensembles.condition import GUIDANCE_TAG
 from cloudburst.schema import Strict
@@ -232,6 +232,12 @@ def run_guidance_sweep(sweep: GuidanceSweep) -> GuidanceOutcome:
     from cloudburst.models.roles import ConditionalSampler
     from cloudburst.training.job import ensure_ray
 
+    # Tune's results: a local folder, or object storage every node reaches (checked first)
+    storage_path, filesystem = arrow_fs.ray_storage(
+        sweep.storage_path,
+        storage.options_from(sweep.storage_path, StorageConfig()),
+        check=True,
+    )
     uri = tracking.setup(sweep.tracking_uri, sweep.experiment)
     mlflow.set_registry_uri(uri)
     version_uri, run_id, tags = tracking.pin_version(sweep.model, uri)
@@ -277,7 +283,8 @@ def run_guidance_sweep(sweep: GuidanceSweep) -> GuidanceOutcome:
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.concurrent),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=_absolute(sweep.storage_path),
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 verbose=1,
             ),
         )
@@ -313,12 +320,6 @@ def run_guidance_sweep(sweep: GuidanceSweep) -> GuidanceOutcome:
         client.set_terminated(parent_id, "FAILED")
         raise
     return GuidanceOutcome(version_uri, parent_id, rows, best)
-
-
-def _absolute(url: str) -> str:
-    import os
-
-    return url if storage.is_remote(url) else os.path.abspath(storage.local_path(url))
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudburst import storage, tracking
+from cloudburst import arrow_fs, storage, tracking
 from cloudburst.config import TrainJobConfig, load_config
 from cloudburst.models import registry
 from cloudburst.schema import ConfigError
@@ -208,7 +208,7 @@ def read_state(storage_path: str, name: str) -> dict[str, Any]:
     """The saved state of sweep ``name`` under ``storage_path`` (for a resume)."""
     url = _state_url(_absolute(storage_path), name)
     try:
-        return json.loads(storage.read_bytes(url))
+        return json.loads(storage.read_bytes(url, storage.storage_options(url)))
     except FileNotFoundError:
         raise SweepError(
             f"no sweep {name!r} under {storage_path} (no {STATE_FILE}); check --storage-path "
@@ -251,6 +251,7 @@ def _tuner(prepared: Prepared, spec: dict[str, Any]) -> Any:
         search_alg = OptunaSearch(seed=sweep.search.seed)
         metric_mode = {"metric": sweep.objective.metric, "mode": sweep.objective.mode}
     space = {key: space_mod.to_tune(domain) for key, domain in sweep.space.items()}
+    storage_path, filesystem = _ray_storage(prepared)
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -263,11 +264,18 @@ def _tuner(prepared: Prepared, spec: dict[str, Any]) -> Any:
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
-            storage_path=prepared.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=1),
         ),
     )
+
+
+def _ray_storage(prepared: Prepared, *parts: str) -> tuple[str, Any]:
+    """Tune's (storage path, pyarrow filesystem) for the sweep's storage (or a folder in it)."""
+    url = storage.join(prepared.storage_path, *parts)
+    return arrow_fs.ray_storage(url, storage.options_from(url, prepared.base.storage))
 
 
 def _spec(prepared: Prepared, parent: str, experiment_id: str) -> dict[str, Any]:
@@ -326,13 +334,15 @@ def resume_sweep(name: str, storage_path: str) -> SweepOutcome:
     parent_id, experiment_id = state["parent_run_id"], state["experiment_id"]
     client = MlflowClient(prepared.tracking_uri)
     client.update_run(parent_id, status="RUNNING")
-    path = storage.join(prepared.storage_path, name)
+    path, filesystem = _ray_storage(prepared, name)
     spec = _spec(prepared, parent_id, experiment_id)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec), {"CPU": 0, "memory": TRIAL_MEMORY}
     )
     try:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem
+        )
         grid = tuner.fit()
         return _finish(prepared, grid, parent_id, experiment_id)
     except BaseException:

@@ -208,3 +208,29 @@ def test_ingest_writes_chunks_concurrently_through_latency(s3_server):
     assert puts >= N_CHUNKS
     stored, _ = open_store(url, options(url, s3_server.endpoint))
     np.testing.assert_array_equal(stored["precip"].values, source()["precip"].values)
+
+
+def test_an_ensemble_chunk_writes_its_objects_concurrently_through_latency(s3_server):
+    from cloudburst.ensembles.store import EnsembleStore, Layout
+
+    url = f"{s3_server.make_bucket(f'ensemble-writes-{uuid.uuid4().hex[:8]}')}/ens.zarr"
+    layout = Layout(members=40, window=(2, 3, 3), chunk_members=20)
+    rng = np.random.default_rng(0)
+    precip = rng.random((20, 2, 3, 3), dtype=np.float32)
+    with FaultProxy(s3_server.endpoint, fraction=0.0, delay_s=DELAY_S) as proxy:
+        opts = options(url, proxy.endpoint)
+        store = EnsembleStore.open(
+            url, opts, layout=layout, identity={"test": 1}, attrs={}, units="mm/day"
+        )
+        proxy.reset_max_in_flight()
+        puts = proxy.by_method["PUT"]
+        store.write_chunk(1, precip, np.ones(20), np.arange(20, 40), {"draws": [20, 40]})
+        puts = proxy.by_method["PUT"] - puts
+    assert proxy.max_in_flight > 1  # the chunk's precip, weight and candidate PUTs overlapped
+    assert puts >= 4  # three objects, then the progress record
+    written = xr.open_zarr(
+        url, consolidated=False, storage_options=options(url, s3_server.endpoint)
+    )
+    assert written.precip.values[20:].tobytes() == precip.tobytes()
+    assert np.isnan(written.precip.values[:20]).all()
+    assert list(EnsembleStore(url, options(url, s3_server.endpoint), layout).done()) == [1]

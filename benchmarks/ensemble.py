@@ -47,14 +47,16 @@ WINDOW = (8, 12, 12)
 BATCH, CHUNK = 256, 1024
 
 
-def register(workdir: Path) -> str:
+def register(workdir: Path, window: tuple[int, int, int] = WINDOW) -> str:
+    """The tracking URI of a fresh store holding ``bench-vae`` (version 1, alias candidate):
+    the vae-fraser-sized VAE (widths 8/16/32, latent 16), untrained, for ``window``."""
     uri = f"sqlite:///{workdir}/mlflow/mlflow.db"
     tracking.setup(uri, experiment="bench")
     torch.manual_seed(0)
     cfg = VAEConfig(widths=(8, 16, 32), latent=16)
-    net = registry.build("vae", cfg, WINDOW)
+    net = registry.build("vae", cfg, window)
     stats = {"units": "mm/day", "max": 60.0, "quantiles": {"0.99": 16.4}}
-    packaged = PrecipitationModel(net, "vae", cfg, WINDOW, Scale(0.0, 60.0, "unit"), stats)
+    packaged = PrecipitationModel(net, "vae", cfg, window, Scale(0.0, 60.0, "unit"), stats)
     tracking.log_and_register(packaged, name="bench-vae", tags={}, tracking_uri=uri)
     return uri
 

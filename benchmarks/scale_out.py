@@ -1,6 +1,7 @@
-"""Scale-out groundwork: the platform's reads of cloud Zarr at cloud latency.
+"""Scale-out: cloud Zarr read at cloud latency, ensembles over workers and replicas.
 
-    .venv/bin/python benchmarks/scale_out.py [loader] [--delay-ms 30] [--windows N] [--repeat 3]
+    .venv/bin/python benchmarks/scale_out.py [loader] [ensemble] [endpoint] [--delay-ms 30]
+        [--windows N] [--repeat 3] [--members 1024] [--batch 32] [--chunk 64] [--runs 2]
 
 Sections (all by default):
 
@@ -15,6 +16,12 @@ loader  A synthetic store written to a moto S3 server on loopback, read by the w
         through the injector, is printed with their ratio beside the target (>= 0.5 at 30 ms),
         with the requests that crossed the injector, how many were in flight at most, and the
         delay injected into them.
+ensemble  One ensemble request (``--members`` of the vae-fraser-sized VAE, ``--batch``,
+          ``--chunk``) fanned out over 1 and over 2 Ray workers of one CPU each, alternating,
+          ``--runs`` times; members/s and the ratio of 2 to 1 beside the target (>= 1.7x), and
+          the in-process engine on one thread (benchmarks/fan_out.py).
+endpoint  The same request through the Serve endpoint with 1 and with 2 generator replicas
+          of one CPU each (>= 1.7x), job seconds from the state record.
 """
 
 from __future__ import annotations
@@ -156,7 +163,24 @@ def bench_loader(args: argparse.Namespace) -> None:
         )
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"loader": bench_loader}
+def bench_ensembles(sections: list[str]) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import tempfile
+        from pathlib import Path
+
+        import fan_out
+
+        with tempfile.TemporaryDirectory(prefix="cloudburst-scale-out-") as tmp:
+            fan_out.run(args, sections, Path(tmp))
+
+    return run
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "loader": bench_loader,
+    "ensemble": bench_ensembles(["ensemble"]),
+    "endpoint": bench_ensembles(["endpoint"]),
+}
 
 
 def main() -> int:
@@ -164,10 +188,16 @@ def main() -> int:
     parser.add_argument("sections", nargs="*", help=f"among {', '.join(SECTIONS)}; default: all")
     parser.add_argument("--delay-ms", type=float, default=30.0, help="latency per request")
     parser.add_argument("--windows", type=int, default=0, help="windows per pass (0: an epoch)")
-    parser.add_argument("--repeat", type=int, default=3, help="passes per case")
+    parser.add_argument("--repeat", type=int, default=3, help="loader passes per case")
+    parser.add_argument("--members", type=int, default=1024, help="ensemble members")
+    parser.add_argument("--batch", type=int, default=32, help="ensemble batch size")
+    parser.add_argument("--chunk", type=int, default=64, help="ensemble chunk members")
+    parser.add_argument("--runs", type=int, default=2, help="ensemble runs per case")
     args = parser.parse_args()
-    if args.delay_ms < 0 or args.repeat < 1 or args.windows < 0:
-        parser.error("--delay-ms and --windows must be >= 0, --repeat >= 1")
+    if args.delay_ms < 0 or args.repeat < 1 or args.windows < 0 or args.runs < 1:
+        parser.error("--delay-ms and --windows must be >= 0, --repeat and --runs >= 1")
+    if min(args.members, args.batch, args.chunk) < 1:
+        parser.error("--members, --batch and --chunk must be >= 1")
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose among {', '.join(SECTIONS)}")

@@ -80,6 +80,14 @@ def single_process(request: EnsembleRequest, uri: str) -> None:
         torch.set_num_threads(threads)
 
 
+def both_started(pool) -> list[str]:
+    """Wait until every worker of ``pool`` is up (a loaded machine may start one late, and
+    the other would write every chunk alone); the nodes they run on."""
+    import ray
+
+    return [str(n) for n in ray.get(list(pool.starting))]
+
+
 def records(store: Path) -> dict[int, tuple[list[int], list[int], float]]:
     out = {}
     for path in (store / "_cloudburst" / "progress").glob("chunk-*.json"):
@@ -175,12 +183,16 @@ def test_fanned_out_ensemble_has_the_single_process_bytes(
     single_process(ask(seq, scenario=scenario), registry_uri)
     pools = []
     result = generate_on_cluster(
-        ask(fan, scenario=scenario), workers=2, tracking_uri=registry_uri, pool_ready=pools.append
+        ask(fan, scenario=scenario),
+        workers=2,
+        tracking_uri=registry_uri,
+        pool_ready=lambda pool: pools.append((pool, both_started(pool))),
     )
     assert result.chunks_written == 9 and result.members == 200
-    by_node = pools[0].chunks_by_node
-    assert sorted(by_node) == sorted(n.node_id for n in nodes)  # both nodes wrote chunks
-    assert sum(by_node.values()) == 9
+    pool, started_on = pools[0]
+    assert sorted(started_on) == sorted(n.node_id for n in nodes)  # one worker on each node
+    assert sorted(pool.chunks_by_node) == sorted(started_on)  # and both wrote chunks
+    assert sum(pool.chunks_by_node.values()) == 9
     assert chunk_files(fan) == chunk_files(seq)  # every array, every chunk, byte for byte
     assert records(fan) == records(seq)
     marker, reference = read_marker(str(fan)), read_marker(str(seq))

@@ -297,7 +297,10 @@ def test_killed_replica_still_ends_with_every_member_once_and_the_same_bytes(end
     kill(generators)
     done = endpoint.wait(accepted["id"])
     assert done["status"] == "done", done
-    assert done["attempts"] >= 2
+    # the job went on on replacement replicas (a chunk call caught by the kill is redone by
+    # a new drive; a kill between calls leaves nothing to redo)
+    after = {a["name"] for a in replica_actors("EnsembleGenerator")}
+    assert after and not after & {a["name"] for a in generators}
 
     clean = str(endpoint.root / "out" / "clean.zarr")
     model = resolve("models:/serve-vae/1", endpoint.tracking_uri)

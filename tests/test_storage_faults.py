@@ -55,10 +55,19 @@ def options(endpoint: str, url: str = "s3://b") -> dict:
 
 
 def objects(url: str, opts: dict) -> dict[str, bytes]:
-    """Every object under ``url`` (a store on S3 or a local folder), by relative key."""
+    """Every object under ``url`` (a store on S3 or a local folder), by relative key.
+
+    s3fs may list a prefix with nothing under it yet (a store a job is still creating) as
+    the prefix itself; only entries that read as objects count."""
     fs, root = storage.filesystem(url, opts)
     fs.invalidate_cache()
-    return {p[len(root) :].lstrip("/"): fs.cat_file(p) for p in sorted(fs.find(root))}
+    found = {}
+    for p in sorted(fs.find(root)):
+        try:
+            found[p[len(root) :].lstrip("/")] = fs.cat_file(p)
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def chunk_objects(url: str, opts: dict | None = None) -> dict[str, bytes]:

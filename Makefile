@@ -21,14 +21,14 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export NO_GCE_CHECK ?= true
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
 
-.PHONY: demo test lint format bench serve install clean
+.PHONY: demo test lint format bench serve install clean stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24,<26"
 	# torch alone and first, from its exact pin: a CPU machine then never pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,12 +37,12 @@ demo: $(STAMP)
 	$(BIN)/python jobs/demo.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs tests benchmarks
-	$(BIN)/ruff format --check platform jobs tests benchmarks
+	$(BIN)/ruff check platform jobs tests benchmarks infra
+	$(BIN)/ruff format --check platform jobs tests benchmarks infra
 
 format: $(STAMP)
-	$(BIN)/ruff format platform jobs tests benchmarks
-	$(BIN)/ruff check --fix platform jobs tests benchmarks
+	$(BIN)/ruff format platform jobs tests benchmarks infra
+	$(BIN)/ruff check --fix platform jobs tests benchmarks infra
 
 test: lint
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
@@ -54,6 +54,14 @@ bench: $(STAMP)
 # the ensemble endpoint on embedded defaults: http://127.0.0.1:8000 (see README)
 serve: $(STAMP)
 	$(BIN)/serve run jobs/configs/serve.yaml
+
+# the whole stack on loopback: Ray head + worker node, MLflow server, S3 server (moto), with
+# the commands to run the jobs on it; state in outputs/stack (infra/local/stack.py --help)
+stack-up: $(STAMP)
+	$(BIN)/python infra/local/stack.py up $(STACK_ARGS)
+
+stack-down:
+	$(BIN)/python infra/local/stack.py down $(STACK_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -167,6 +167,23 @@ def test_refuses_outputs_it_must_not_touch(tmp_path, model):
         generate(ask(other_zarr), model=model)
 
 
+@pytest.mark.parametrize("cut", ["before its first attribute", "inside the arrays"])
+def test_a_store_whose_creation_was_cut_short_is_made_again(tmp_path, model, cut):
+    clean, out = tmp_path / "clean.zarr", tmp_path / "ens.zarr"
+    generate(ask(clean), model=model)
+    # what a run killed while creating the store leaves behind
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    if cut == "inside the arrays":
+        group.attrs.update(
+            {"cloudburst_format": "cloudburst-ensemble/1", "cloudburst_creating": "x"}
+        )
+        group.create_array("member", shape=(300,), dtype="int64")
+    result = generate(ask(out), model=model)
+    assert result.chunks_written == 5
+    assert chunk_files(out) == chunk_files(clean)
+    assert read_marker(str(out))["members"] == 300
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -40,6 +40,7 @@ from cloudburst.storage import zarr_store
 
 PROGRESS = f"{storage.SIDECAR}/progress"
 FORMAT = "cloudburst-ensemble/1"
+CREATING = "cloudburst_creating"  # the fingerprint of a creation under way, "" once done
 SEED_RULE = (
     "member k (draw k when a threshold rejects draws) uses "
     "numpy.random.default_rng(numpy.random.SeedSequence([seed, k])); decoded in fixed-size "
@@ -118,8 +119,13 @@ class EnsembleStore:
                     "Choose another output URL or remove it."
                 )
             return None
-        attrs = zarr.open_group(zarr_store(url, options, read_only=True), mode="r").attrs
+        group = zarr.open_group(zarr_store(url, options, read_only=True), mode="r")
+        attrs = group.attrs
         key = attrs.get("cloudburst_fingerprint")
+        if not key and attrs.get("cloudburst_format") == FORMAT and attrs.get(CREATING):
+            return None  # a creation that never finished: made again from scratch
+        if not key and not dict(attrs) and not list(group.keys()):
+            return None  # an empty group: a creation cut short before its first attribute
         if attrs.get("cloudburst_format") != FORMAT or not key:
             raise EnsembleStoreError(
                 f"{url} is a Zarr store but not a Cloudburst ensemble; refusing to write into "
@@ -141,6 +147,9 @@ class EnsembleStore:
         t, y, x = layout.window
         n, c = layout.members, layout.chunk_members
         group = zarr.open_group(zarr_store(url, options), mode="w", zarr_format=3)
+        # first, the mark of a creation under way: a run killed before the fingerprint (the
+        # last attribute) leaves a store that the next run recognises and makes again
+        group.attrs.update({"cloudburst_format": FORMAT, CREATING: key})
 
         def coord(name: str, values: np.ndarray, extra: dict[str, Any]) -> None:
             arr = group.create_array(
@@ -211,6 +220,7 @@ class EnsembleStore:
                 "request": json.dumps(identity, sort_keys=True),
                 "chunk_members": c,
                 "cloudburst_fingerprint": key,
+                CREATING: "",
             }
         )
 

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_TRIES = 3  # attempts of one task across dying workers
 IN_FLIGHT = 2  # tasks queued per worker, so it never waits on the driver between tasks
+DRAIN_SECONDS = 120.0  # how long a failing run waits for the calls it already sent
 
 
 class ChunkWorker:
@@ -159,7 +160,8 @@ class WorkerPool:
     ) -> None:
         """Call ``method(item)`` on the workers for every item (lazily drawn from ``items``),
         at most :data:`IN_FLIGHT` per worker, and ``on_result(item, value)`` in completion
-        order. A task whose worker died is redone elsewhere (at most :data:`MAX_TRIES`)."""
+        order. A task whose worker died is redone elsewhere (at most :data:`MAX_TRIES`). If
+        this raises, the calls already sent have ended first (up to :data:`DRAIN_SECONDS`)."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -171,59 +173,66 @@ class WorkerPool:
         def load(actor: Any) -> int:
             return sum(1 for a, _, _ in inflight.values() if a is actor)
 
-        while True:
-            for actor in self.actors:
-                while load(actor) < IN_FLIGHT:
-                    if retry:
-                        item, tries = retry.popleft()
-                    elif not exhausted:
-                        try:
-                            item, tries = next(source), 0
-                        except StopIteration:
-                            exhausted = True
+        try:
+            while True:
+                for actor in self.actors:
+                    while load(actor) < IN_FLIGHT:
+                        if retry:
+                            item, tries = retry.popleft()
+                        elif not exhausted:
+                            try:
+                                item, tries = next(source), 0
+                            except StopIteration:
+                                exhausted = True
+                                break
+                        else:
                             break
-                    else:
-                        break
-                    ref = getattr(actor, method).remote(item)
-                    inflight[ref] = (actor, item, tries)
-            if not inflight and (exhausted and not retry):
-                return
-            if not inflight and not self.actors and not self.starting:
-                raise EnsembleError("every ensemble worker died; check the cluster's nodes")
-            ready, _ = ray.wait([*inflight, *self.starting], num_returns=1)
-            ref = ready[0]
-            if ref in self.starting:
-                actor = self.starting.pop(ref)
+                        ref = getattr(actor, method).remote(item)
+                        inflight[ref] = (actor, item, tries)
+                if not inflight and (exhausted and not retry):
+                    return
+                if not inflight and not self.actors and not self.starting:
+                    raise EnsembleError("every ensemble worker died; check the cluster's nodes")
+                ready, _ = ray.wait([*inflight, *self.starting], num_returns=1)
+                ref = ready[0]
+                if ref in self.starting:
+                    actor = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as exc:
+                        self.deaths += 1
+                        log.warning("an ensemble worker failed to start: %s", exc)
+                        if not self.actors and not inflight and not self.starting:
+                            raise EnsembleError(f"no ensemble worker could start: {exc}") from None
+                        continue
+                    except RayTaskError as exc:  # the worker's own check refused the request
+                        raise exc.as_instanceof_cause() from None
+                    self.actors.append(actor)
+                    continue
+                actor, item, tries = inflight.pop(ref)
                 try:
-                    ray.get(ref)
+                    value = ray.get(ref)
                 except RayActorError as exc:
                     self.deaths += 1
-                    log.warning("an ensemble worker failed to start: %s", exc)
-                    if not self.actors and not inflight and not self.starting:
-                        raise EnsembleError(f"no ensemble worker could start: {exc}") from None
+                    if actor in self.actors:
+                        self.actors.remove(actor)
+                        self.spawn()
+                    if tries + 1 >= MAX_TRIES:
+                        raise EnsembleError(
+                            f"{label(item)} failed on {MAX_TRIES} workers in turn; last: {exc}"
+                        ) from None
+                    log.warning("an ensemble worker died during %s; redoing it", label(item))
+                    retry.append((item, tries + 1))
                     continue
-                except RayTaskError as exc:  # the worker's own check refused the request
+                except RayTaskError as exc:
                     raise exc.as_instanceof_cause() from None
-                self.actors.append(actor)
-                continue
-            actor, item, tries = inflight.pop(ref)
-            try:
-                value = ray.get(ref)
-            except RayActorError as exc:
-                self.deaths += 1
-                if actor in self.actors:
-                    self.actors.remove(actor)
-                    self.spawn()
-                if tries + 1 >= MAX_TRIES:
-                    raise EnsembleError(
-                        f"{label(item)} failed on {MAX_TRIES} workers in turn; last: {exc}"
-                    ) from None
-                log.warning("an ensemble worker died during %s; redoing it", label(item))
-                retry.append((item, tries + 1))
-                continue
-            except RayTaskError as exc:
-                raise exc.as_instanceof_cause() from None
-            on_result(item, value)
+                on_result(item, value)
+        except BaseException:
+            # Calls already sent still write their chunks: let them end before the caller
+            # sees the error, so that nothing writes into the store after this returns.
+            if inflight:
+                ray.wait(list(inflight), num_returns=len(inflight), timeout=DRAIN_SECONDS)
+            raise
 
 
 def generate_on_cluster(

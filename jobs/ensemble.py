@@ -16,9 +16,11 @@ one worker per GPU it offers, else per CPU, and runs in this process otherwise; 
 always runs in this process; a number N fans out over N Ray workers (starting a local Ray
 when no cluster is given). Every way writes the same bytes (on one kind of device).
 
-Scenarios: unconditional and extreme (latent models, i.e. the VAE); unconditional,
-interpolation, forecast and extension (diffusion models; the last three conditioned on a
-window of an ingested store, extension to ``--length`` steps).
+Scenarios: unconditional and extreme (both families); interpolation, forecast and extension
+(diffusion models, conditioned on a window of an ingested store, extension to ``--length``
+steps). Extreme draws are steered by ``--proposal shift|tail`` and carry importance weights;
+a conditional scenario takes the same proposals (``--scenario forecast --proposal shift``:
+weighted extreme versions of the next steps given the observed ones).
 
 Re-running the same request finishes an interrupted one (only missing chunks are written);
 a complete one is left as it is. Ends with the line ``ensemble: URL``.
@@ -52,7 +54,11 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
         "--scenario",
         choices=["unconditional", "extreme", "interpolation", "forecast", "extension"],
     )
-    p.add_argument("--proposal", choices=["shift", "tail"])
+    p.add_argument(
+        "--proposal",
+        choices=["prior", "shift", "tail"],
+        help="how draws are steered (default: shift for extreme, prior otherwise)",
+    )
     p.add_argument("--threshold", type=float, help="keep members with a pixel >= this")
     p.add_argument("--threshold-quantile", type=float, help="... >= this training quantile")
     p.add_argument("--condition-data", help="ingested store holding the observed window")

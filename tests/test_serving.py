@@ -587,6 +587,32 @@ def test_a_forecast_over_http_keeps_the_observed_frames(endpoint):
     assert ens.attrs["condition_time"] == "2001-01-03" and ens.attrs["context_steps"] == 2
 
 
+def test_a_steered_forecast_over_http_is_weighted_and_checks_its_direction(endpoint):
+    """Conditional extremes through the endpoint: a forecast whose initial noise is shifted
+    along the sampler's own direction keeps the observed frames, carries importance weights
+    and records the direction; a direction of the wrong size (the noise of one window is
+    4 x 8 x 8 = 256 numbers) is refused before anything is written."""
+    short = forecast(endpoint, proposal="shift", direction=[1.0] * 64)
+    short["output"] = str(endpoint.root / "out" / "short-steered.zarr")
+    status, answer = endpoint.call("POST", "/v1/ensembles", short)
+    assert status == 400 and "give exactly 256" in answer["error"], answer
+    assert not (endpoint.root / "out" / "short-steered.zarr").exists()
+    request = forecast(endpoint, proposal="shift", shift=2.0)
+    request["output"] = str(endpoint.root / "out" / "steered-forecast.zarr")
+    status, accepted = endpoint.call("POST", "/v1/ensembles", request)
+    assert status == 202, accepted
+    assert endpoint.wait(accepted["id"])["status"] == "done"
+    ens = xr.open_zarr(accepted["output"], consolidated=False)
+    obs = xr.open_zarr(endpoint.root / "data" / "obs.zarr", consolidated=False).precip
+    observed = obs.isel(time=slice(2, 4), y=slice(2, 10), x=slice(0, 8)).values
+    assert (ens.precip.values[:, :2] == observed[None]).all()
+    weights = ens.weight.values
+    assert np.isfinite(weights).all() and (weights > 0).all() and np.ptp(weights) > 0
+    assert ens.attrs["proposal"] == "shift" and "initial noise" in ens.attrs["steered_input"]
+    assert ens.direction.shape == (256,)
+    assert float(np.linalg.norm(ens.direction.values)) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(
     ("change", "code", "words"),
     [
@@ -764,20 +790,20 @@ BAD_INPUTS = [
         "give exactly 4",
     ),
     (
-        "direction past the schema",
+        "long direction",
         {"scenario": {**DIRECTION, "direction": [1.0] * 5000}},
         KEY,
         b"",
-        422,
-        "at most 4096",
+        400,
+        "give exactly 4",
     ),
     (
         "direction off its scenario",
         {"scenario": {"direction": [1.0, 0, 0, 0]}},
         KEY,
         b"",
-        400,
-        "kind extreme",
+        422,
+        "applies to the shift proposal",
     ),
     ("unknown field", {"unknown": 1}, KEY, b"", 422, "unknown"),
     ("not JSON", {}, KEY, b"{not json", 400, "not valid JSON"),

@@ -31,16 +31,26 @@ from cloudburst.ensembles.condition import (
     tuned_weight,
 )
 from cloudburst.ensembles.proposals import (
-    LatentProposal,
+    GaussianProposal,
     ProposalError,
     decoder_direction,
     member_rng,
+    noise_seed,
 )
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
 from cloudburst.models import registry
 from cloudburst.models.package import PrecipitationModel
-from cloudburst.models.roles import Condition, ConditionalSampler, Generative, LatentModel
+from cloudburst.models.roles import (
+    Condition,
+    ConditionalSampler,
+    Generative,
+    LatentModel,
+    NoiseSteerable,
+)
+
+DIRECTION_DRAWS = 4  # noise draws a diffusion model's extreme direction is averaged over
+DIRECTION_STEPS = 10  # sampler steps it is differentiated through, at most
 
 
 class EnsembleError(ValueError):
@@ -86,11 +96,32 @@ def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
         )
         hint = f"; {s.kind} is served by {', '.join(others)} models" if others else ""
         raise EnsembleError(f"{uri} is a {kind} model: its scenarios are {served}{hint}")
+    if s.steered and s.conditional and not steerable(entry.roles):
+        raise EnsembleError(
+            f"{uri} is a {kind} model: it cannot steer a {s.kind}'s draws (proposal "
+            f"{s.proposal}); use proposal prior"
+        )
     if not entry.sampler_settings and (request.steps is not None or request.sampler is not None):
         raise EnsembleError(
             f"steps and sampler apply to models with an iterative sampler; {uri} is a "
             f"{kind} model (remove them from the request)"
         )
+
+
+def steerable(roles: frozenset[type]) -> bool:
+    """Whether a family with ``roles`` can steer a sampler's initial noise."""
+    return NoiseSteerable in roles and ConditionalSampler in roles
+
+
+def steered_size(packaged: PrecipitationModel) -> int | None:
+    """How many numbers a shift direction has for this model: its latent size, or the
+    initial noise of one window (time x y x x) of a steerable sampler; None if it cannot be
+    steered."""
+    if packaged.plays(LatentModel):
+        return int(packaged.network(LatentModel).latent_size)
+    if steerable(packaged.family.roles):
+        return int(np.prod(packaged.window))
+    return None
 
 
 def check_request(request: EnsembleRequest, tags: dict[str, str], uri: str) -> None:
@@ -158,47 +189,84 @@ class Generator:
         self.window: tuple[int, int, int] = tuple(packaged.window)  # type: ignore[assignment]
         self.observed: ObservedWindow | None = None
         self.direction: np.ndarray | None = None
-        self.proposal: LatentProposal | None = None
+        self.proposal: GaussianProposal | None = None
         self.latent = 0
         self.condition: Condition | None = None
         self.guidance = 0.0
         self.guidance_source = ""
         self.sampler_settings = packaged.family.sampler_settings
+        self.direction_source = ""
         self.streams = not packaged.plays(LatentModel) or s.conditional
         if self.streams:
             if packaged.plays(ConditionalSampler):
                 self._bind_condition(request, packaged)
             else:
                 packaged.network(Generative)  # a clear error if it cannot even generate
+            if s.steered:
+                if not steerable(packaged.family.roles):
+                    raise EnsembleError(
+                        f"{model.uri} is a {packaged.name} model: its draws cannot be steered "
+                        f"(proposal {s.proposal})"
+                    )
+                size = int(np.prod(packaged.window))
+                self.direction = self._direction(size, direction, self._noise_direction)
+                self.proposal = GaussianProposal(s, size, self.direction)
             self.threshold = self._threshold()
             return
         net = packaged.network(LatentModel)
         self.latent = int(net.latent_size)
-        direction = None
-        if s.kind == "extreme" and s.proposal == "shift":
-            if direction is not None:
-                direction = np.asarray(direction, dtype=np.float64)
-                if direction.shape != (self.latent,):
-                    raise EnsembleError(
-                        f"a pinned direction has {direction.size} numbers for a latent of "
-                        f"{self.latent}"
-                    )
-            elif s.direction is not None:
-                direction = np.asarray(s.direction, dtype=np.float64)
-                if direction.shape != (self.latent,) or not np.linalg.norm(direction) > 0:
-                    raise EnsembleError(
-                        f"scenario.direction must be {self.latent} numbers, not all 0 "
-                        f"(got {len(s.direction)})"
-                    )
-                direction = direction / np.linalg.norm(direction)
-            else:
-                try:
-                    direction = decoder_direction(net, self.latent)
-                except ProposalError as exc:
-                    raise EnsembleError(str(exc)) from None
-        self.direction = direction
-        self.proposal = LatentProposal(s, self.latent, direction)
+
+        def from_decoder() -> np.ndarray:
+            self.direction_source = (
+                "the decoder: gradient of the mean of each decoded window's top 1% values, "
+                "averaged over 64 prior draws"
+            )
+            return decoder_direction(net, self.latent)
+
+        self.direction = self._direction(self.latent, direction, from_decoder)
+        self.proposal = GaussianProposal(s, self.latent, self.direction)
         self.threshold = self._threshold()
+
+    def _direction(
+        self, size: int, pinned: np.ndarray | None, compute: Callable[[], np.ndarray]
+    ) -> np.ndarray | None:
+        """The unit shift direction of ``size`` numbers: ``pinned`` (computed by another
+        process of this request), the request's, or ``compute()``; None unless shifting."""
+        s = self.request.scenario
+        if s.proposal != "shift":
+            return None
+        if pinned is not None:
+            pinned = np.asarray(pinned, dtype=np.float64)
+            if pinned.shape != (size,) or not np.isfinite(pinned).all():
+                raise EnsembleError(
+                    f"a pinned direction has {pinned.size} numbers for an input of {size}"
+                )
+            self.direction_source = self.direction_source or "pinned by the request's driver"
+            return pinned
+        if s.direction is not None:
+            given = np.asarray(s.direction, dtype=np.float64)
+            if given.shape != (size,) or not np.linalg.norm(given) > 0:
+                raise EnsembleError(
+                    f"scenario.direction must be {size} numbers, not all 0 (got {len(s.direction)})"
+                )
+            self.direction_source = "the request"
+            return given / np.linalg.norm(given)
+        try:
+            return compute()
+        except (ProposalError, ValueError) as exc:
+            raise EnsembleError(f"{exc}; give scenario.direction") from None
+
+    def _noise_direction(self) -> np.ndarray:
+        """A steerable sampler's extreme direction for this request's condition."""
+        packaged = self.model.packaged
+        steps = min(DIRECTION_STEPS, int(self.request.steps or packaged.config.get("steps", 10)))
+        self.direction_source = (
+            f"the sampler: gradient of the soft maximum of {DIRECTION_DRAWS} samples with "
+            f"respect to their initial noise, through {steps} DDIM steps"
+        )
+        net = packaged.network(NoiseSteerable)
+        d = net.extreme_direction(self.condition, draws=DIRECTION_DRAWS, steps=steps)
+        return d.detach().double().cpu().numpy().reshape(-1)
 
     def _bind_condition(self, request: EnsembleRequest, packaged: PrecipitationModel) -> None:
         """Read and check the observed frames; fix the output window and the known mask."""
@@ -266,28 +334,41 @@ class Generator:
 
     def draws(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(windows, weights) of draws ``indices``."""
-        if self.streams:
+        if self.streams and self.proposal is None:
             return self.sample_streams(indices), np.ones(len(indices), dtype=np.float64)
         assert self.proposal is not None
         z, w = self.proposal.draw(self.request.seed, indices)
+        if self.streams:
+            return self.sample_streams(indices, z), w
         return self.decode(z), w
 
     @torch.no_grad()
-    def sample_streams(self, indices: np.ndarray) -> np.ndarray:
+    def sample_streams(self, indices: np.ndarray, initial: np.ndarray | None = None) -> np.ndarray:
         """Physical windows of draws ``indices`` from a sampling model: draw k's noise
         streams are seeded from (seed, k) alone and batches are padded to exactly
         batch_size rows (padding rows have streams of their own), as for latent models.
+        ``initial`` (len(indices), time x y x x): the steered initial noise of each draw (of
+        its first window), whose other noise then comes from :func:`noise_seed`.
         Conditional scenarios keep the observed values where they are known."""
         packaged = self.model.packaged
         bs, seed = self.request.batch_size, self.request.seed
         out = []
         for a in range(0, len(indices), bs):
             rows = [int(k) for k in indices[a : a + bs]]
-            seeds = [int(member_rng(seed, k).integers(2**62)) for k in rows]
+            if initial is None:
+                seeds = [int(member_rng(seed, k).integers(2**62)) for k in rows]
+            else:
+                seeds = [noise_seed(seed, k) for k in rows]
             pads = range(bs - len(rows))
             seeds += [int(member_rng(seed, 2**62 + j).integers(2**62)) for j in pads]
             gens = [torch.Generator().manual_seed(v) for v in seeds]
-            u = self._sample_batch(bs, gens)
+            start = None
+            if initial is not None:
+                batch = np.zeros((bs, initial.shape[1]), dtype=np.float32)
+                batch[: len(rows)] = initial[a : a + bs]
+                shape = (bs, 1, *packaged.window)
+                start = torch.from_numpy(batch).reshape(shape).to(packaged.device)
+            u = self._sample_batch(bs, gens, start)
             out.append(packaged.to_physical(u)[: len(rows)])
         if not out:
             return np.zeros((0, *self.window), np.float32)
@@ -298,8 +379,11 @@ class Generator:
             x[:, :n] = np.where(obs.mask[:n], obs.values[:n], x[:, :n])
         return x
 
-    def _sample_batch(self, bs: int, gens: list[torch.Generator]) -> torch.Tensor:
-        """(bs, 1, time, y, x) in the model's input space for the scenario."""
+    def _sample_batch(
+        self, bs: int, gens: list[torch.Generator], initial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(bs, 1, time, y, x) in the model's input space for the scenario; ``initial``: the
+        initial noise of the (first) window."""
         from cloudburst.models.extension import extend
 
         packaged = self.model.packaged
@@ -310,20 +394,23 @@ class Generator:
             return torch.cat([net.sample(1, generator=g) for g in gens])
         sampler = packaged.network(ConditionalSampler)
 
-        def draw(n: int, condition: Condition | None) -> torch.Tensor:
+        def draw(
+            n: int, condition: Condition | None, initial: torch.Tensor | None = None
+        ) -> torch.Tensor:
             return sampler.sample(
                 n,
                 condition=condition,
                 generators=gens,
                 steps=self.request.steps,
                 sampler=self.request.sampler,
+                initial=initial,
             )
 
         condition = self.condition.expand(bs) if self.condition is not None else None
         if s.kind != "extension":
-            return draw(bs, condition)
+            return draw(bs, condition, initial)
         frames = packaged.window[0]
-        first = draw(bs, condition)
+        first = draw(bs, condition, initial)
         return extend(
             draw,
             bs,
@@ -402,8 +489,7 @@ def draw_weight_sum(gen: Generator, start: int, end: int) -> float:
     total = 0.0
     for a in range(start, end, 4096):
         b = min(end, a + 4096)
-        _, w = gen.proposal.draw(gen.request.seed, np.arange(a, b))
-        total += float(w.sum())
+        total += float(gen.proposal.weights(gen.request.seed, np.arange(a, b)).sum())
     return total
 
 
@@ -413,6 +499,7 @@ def layout_of(request: EnsembleRequest, window: tuple[int, int, int]) -> Layout:
 
 def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -> dict[str, Any]:
     stats = model.packaged.stats or {}
+    s = request.scenario
     out: dict[str, Any] = {
         "title": f"Cloudburst ensemble of {model.version_uri}",
         "model_uri": model.uri,
@@ -429,12 +516,24 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
         out["threshold"] = gen.threshold
     if model.packaged.dry_threshold is not None:
         out["dry_threshold"] = model.packaged.dry_threshold
-    if gen.direction is not None:
-        out["direction"] = [float(v) for v in gen.direction]
+    if s.steered:
+        out["proposal"] = s.proposal
+        out["defensive"] = s.defensive
+        out["steered_input"] = (
+            "the latent code z"
+            if not gen.streams
+            else "the sampler's initial noise z_1 of the "
+            + ("first window" if s.kind == "extension" else "window")
+            + ", flattened from (1, time, y, x)"
+        )
+        if s.proposal == "shift":
+            out["shift"] = s.shift
+            out["direction_source"] = gen.direction_source
+        else:
+            out["tail_quantile"] = s.tail_quantile
     for key in ("time_step_hours",):
         if key in stats:
             out[key] = stats[key]
-    s = request.scenario
     if gen.sampler_settings:
         out["steps"] = int(request.steps or model.packaged.config.get("steps", 0))
         out["sampler"] = str(request.sampler or model.packaged.config.get("sampler", ""))
@@ -516,6 +615,7 @@ def open_ensemble(
         attrs=provenance(request, model, gen),
         units=model.packaged.units,
         coords=coordinates(gen.observed),
+        direction=gen.direction,
     )
     whole = marker is not None and marker.get("fingerprint") == store.group.attrs.get(
         "cloudburst_fingerprint"

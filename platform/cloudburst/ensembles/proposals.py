@@ -1,10 +1,18 @@
-"""Where ensemble members are drawn from: per-member random streams and latent proposals.
+"""Where ensemble members are drawn from: per-member random streams and Gaussian proposals.
 
-:class:`LatentProposal` draws latent codes z for draw indices under a scenario, with each
-draw's importance weight p(z) / q(z): the prior itself (unconditional, every weight 1), or a
-defensive mixture of the prior with a shift along a direction (``shift``) or with the prior's
-radius tail (``tail``). :func:`decoder_direction` is the latent direction along which decoded
-maxima grow fastest. Draw k's randomness comes from :func:`member_rng` (seed, k) alone.
+A member is a deterministic function of its random inputs. The one a proposal steers is a
+standard-normal vector z: a VAE's latent code, or a diffusion sampler's initial noise z_1
+(flattened). Drawing z from a proposal q instead of the prior p = N(0, I), and every other
+random input (the ancestral sampler's step noise, a condition's forward noise) from its
+prior, makes a member's importance weight exactly p(z) / q(z), whatever the model does next.
+
+:class:`GaussianProposal` draws z for draw indices under a scenario, with each draw's weight:
+the prior itself (every weight 1), or a defensive mixture of the prior with a shift along a
+direction (``shift``) or with the prior's radius tail (``tail``). :func:`decoder_direction` is
+the latent direction along which a VAE's decoded maxima grow fastest (a diffusion model gives
+its own, :class:`~cloudburst.models.roles.NoiseSteerable`). Draw k's z comes from
+:func:`member_rng` (seed, k) alone; the other random inputs of a steered draw come from
+:func:`noise_seed` (seed, k), an independent stream.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from scipy import stats as sps
 from cloudburst.ensembles.request import Scenario
 from cloudburst.models.roles import LatentModel
 
-__all__ = ["LatentProposal", "ProposalError", "decoder_direction", "member_rng"]
+__all__ = ["GaussianProposal", "ProposalError", "decoder_direction", "member_rng", "noise_seed"]
 
 
 class ProposalError(ValueError):
@@ -29,6 +37,13 @@ def member_rng(seed: int, k: int) -> np.random.Generator:
     """The random stream of draw ``k`` of a request seeded ``seed``: it depends on (seed, k)
     alone, so any member can be drawn again by itself."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(k)]))
+
+
+def noise_seed(seed: int, k: int) -> int:
+    """The seed of every random input of steered draw ``k`` other than its z: a stream of
+    (seed, k) alone, independent of :func:`member_rng` (a child of the same seed sequence)."""
+    child = np.random.SeedSequence([int(seed), int(k)], spawn_key=(1,))
+    return int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(2))
 
 
 def decoder_direction(model: LatentModel, latent: int, draws: int = 64) -> np.ndarray:
@@ -51,39 +66,55 @@ def decoder_direction(model: LatentModel, latent: int, draws: int = 64) -> np.nd
     return grad / norm
 
 
-class LatentProposal:
-    """Draws z for draw indices, with importance weights p(z) / q(z) under the scenario."""
+class GaussianProposal:
+    """Draws z (``size`` numbers, prior N(0, I)) for draw indices, with importance weights
+    p(z) / q(z) under the scenario's proposal (see the module doc)."""
 
-    def __init__(self, scenario: Scenario, latent: int, direction: np.ndarray | None) -> None:
+    def __init__(self, scenario: Scenario, size: int, direction: np.ndarray | None) -> None:
+        if scenario.proposal == "shift":
+            if direction is None or np.shape(direction) != (size,):
+                raise ProposalError(
+                    f"the shift proposal needs a direction of {size} numbers "
+                    f"(got {None if direction is None else np.size(direction)})"
+                )
+            if not np.isfinite(direction).all():
+                raise ProposalError("the shift direction holds NaN or infinite values")
         self.s = scenario
-        self.d = latent
+        self.d = int(size)
         self.direction = direction
-        self.r_q = float(sps.chi.ppf(scenario.tail_quantile, latent))
+        self.r_q = float(sps.chi.ppf(scenario.tail_quantile, self.d))
 
     def draw(self, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(z, weights): z (len(indices), size) float64, weights (len(indices),)."""
         z = np.empty((len(indices), self.d), dtype=np.float64)
         w = np.ones(len(indices), dtype=np.float64)
-        s, a = self.s, self.s.defensive
         for i, k in enumerate(indices):
-            rng = member_rng(seed, int(k))
-            u = rng.standard_normal(self.d)
-            if s.kind == "unconditional":
-                z[i] = u
-                continue
-            from_prior = rng.random() < a
-            if s.proposal == "tail":
-                if from_prior:
-                    z[i] = u
-                else:
-                    q = s.tail_quantile
-                    r = sps.chi.ppf(q + (1.0 - q) * rng.random(), self.d)
-                    z[i] = u / np.linalg.norm(u) * r
-                in_tail = float(np.linalg.norm(z[i]) > self.r_q)
-                w[i] = 1.0 / (a + (1.0 - a) * in_tail / (1.0 - s.tail_quantile))
-            else:
-                assert self.direction is not None
-                shift = s.shift * self.direction
-                z[i] = u if from_prior else u + shift
-                log_ratio = float(z[i] @ shift) - 0.5 * float(shift @ shift)
-                w[i] = 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))
+            z[i], w[i] = self.one(seed, int(k))
         return z, w
+
+    def weights(self, seed: int, indices: np.ndarray) -> np.ndarray:
+        """The weights of :meth:`draw` alone, one z in memory at a time."""
+        return np.array([self.one(seed, int(k))[1] for k in indices], dtype=np.float64)
+
+    def one(self, seed: int, k: int) -> tuple[np.ndarray, float]:
+        """Draw k's z and weight."""
+        s, a = self.s, self.s.defensive
+        rng = member_rng(seed, k)
+        u = rng.standard_normal(self.d)
+        if not s.steered:
+            return u, 1.0
+        from_prior = rng.random() < a
+        if s.proposal == "tail":
+            if from_prior:
+                z = u
+            else:
+                q = s.tail_quantile
+                r = sps.chi.ppf(q + (1.0 - q) * rng.random(), self.d)
+                z = u / np.linalg.norm(u) * r
+            in_tail = float(np.linalg.norm(z) > self.r_q)
+            return z, 1.0 / (a + (1.0 - a) * in_tail / (1.0 - s.tail_quantile))
+        assert self.direction is not None
+        shift = s.shift * self.direction
+        z = u if from_prior else u + shift
+        log_ratio = float(z @ shift) - 0.5 * float(shift @ shift)
+        return z, 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cloudburst.config import StorageConfig
 
 MAX_MEMBERS = 10_000_000
-MAX_LATENT = 4096  # numbers of a latent direction, at most
+MAX_DIRECTION = 262_144  # numbers of a given shift direction, at most (a 16x128x128 noise)
 MAX_URL_CHARS = 1024
 MAX_NAME_BYTES = 255
 
@@ -64,17 +64,21 @@ CONDITIONAL_KINDS = ("interpolation", "forecast", "extension")
 class Scenario(BaseModel):
     """How members are drawn.
 
-    ``unconditional``: z ~ N(0, I), every weight 1. ``extreme``: z from a proposal that favours
-    the tail, each member with its importance weight p(z) / q(z), so weighted estimates stay
-    unbiased:
+    ``unconditional``: plain draws, every weight 1. ``extreme``: draws steered towards the tail,
+    each member with its importance weight p / q, so weighted estimates stay unbiased. What a
+    proposal steers is the model's standard-normal input z: a VAE's latent code, or the initial
+    noise z_1 of a diffusion sampler (every other random input, such as the ancestral
+    sampler's step noise, keeps its prior, so the weight is p(z) / q(z) for either sampler):
 
-    - ``proposal: shift`` (default): a defensive mixture of the prior (share ``defensive``)
-      and N(``shift`` d, I), d the unit latent direction along which decoded maxima grow
-      fastest (or ``direction`` if given);
+    - ``proposal: shift`` (the default of ``extreme``): a defensive mixture of the prior (share
+      ``defensive``) and N(``shift`` d, I), d the unit direction along which the model's
+      extremes grow (or ``direction`` if given: the latent size, or time x y x x numbers of a
+      diffusion model's window);
     - ``proposal: tail``: a defensive mixture of the prior and the prior restricted to radii
       ||z|| beyond the ``tail_quantile`` of the chi distribution. Efficient only where heavy
-      rain comes with large codes whatever their direction; elsewhere the rare events it
-      misses are carried by the few defensive draws and its variance is high.
+      rain comes with large inputs whatever their direction; elsewhere the rare events it
+      misses are carried by the few defensive draws and its variance is high;
+    - ``proposal: prior``: no steering (the default of every other kind).
 
     Diffusion models, conditioned on observed frames (``condition``, a window of an ingested
     store) by reconstruction guidance of weight ``guidance`` (default: the model's; 0 is
@@ -86,7 +90,9 @@ class Scenario(BaseModel):
       ``context`` steps so far; the first window starts from the condition's first
       ``context`` steps, or is an unconditional draw when no condition is given.
 
-    Known values come back in the members exactly as observed.
+    These take the ``shift`` and ``tail`` proposals too (conditional extremes: "a 1-in-100
+    version of the next hours given the last ones"); an extension steers the noise of its
+    first window. Known values come back in the members exactly as observed.
 
     ``threshold`` (physical units) or ``threshold_quantile`` (of the training data) keeps only
     members whose window has a pixel at or above it (rejection; acceptance rate recorded).
@@ -97,11 +103,16 @@ class Scenario(BaseModel):
     kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = (
         "unconditional"
     )
-    proposal: Literal["shift", "tail"] = "shift"
+    proposal: Literal["prior", "shift", "tail"] | None = Field(
+        None, description="shift for extreme, prior otherwise (see the class doc)"
+    )
     tail_quantile: float = Field(0.99, gt=0.0, lt=1.0)
     shift: float = Field(3.0, gt=0.0, le=20.0)
     direction: list[float] | None = Field(
-        None, min_length=1, max_length=MAX_LATENT, description="exactly the model's latent size"
+        None,
+        min_length=1,
+        max_length=MAX_DIRECTION,
+        description="the shift direction: exactly the size of the model's steered input",
     )
     defensive: float = Field(0.1, gt=0.0, le=1.0)
     threshold: float | None = Field(None, ge=0.0)
@@ -131,6 +142,20 @@ class Scenario(BaseModel):
         if self.threshold is not None and self.threshold_quantile is not None:
             raise ValueError("give threshold or threshold_quantile, not both")
         conditional = self.kind in CONDITIONAL_KINDS
+        if self.proposal is None:
+            self.proposal = "shift" if self.kind == "extreme" else "prior"
+        if self.kind == "extreme" and self.proposal == "prior":
+            raise ValueError(
+                "an extreme scenario steers its draws: proposal shift or tail (or kind "
+                "unconditional for plain draws)"
+            )
+        if self.kind == "unconditional" and self.proposal != "prior":
+            raise ValueError(
+                f"proposal {self.proposal} steers draws: use kind extreme (or a conditional "
+                "kind) with it"
+            )
+        if self.direction is not None and self.proposal != "shift":
+            raise ValueError("scenario.direction applies to the shift proposal")
         if self.kind in ("interpolation", "forecast") and self.condition is None:
             raise ValueError(
                 f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} needs "
@@ -154,6 +179,11 @@ class Scenario(BaseModel):
     @property
     def conditional(self) -> bool:
         return self.kind in CONDITIONAL_KINDS
+
+    @property
+    def steered(self) -> bool:
+        """Whether draws come from a proposal other than the prior (weights not all 1)."""
+        return self.proposal in ("shift", "tail")
 
     @property
     def rejects(self) -> bool:

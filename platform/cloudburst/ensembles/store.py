@@ -7,6 +7,9 @@ Layout (xarray opens it with ``xr.open_zarr(url, consolidated=False)``):
 - ``weight`` float64 (member,): importance weight p(z) / q(z) (1 for plain Monte Carlo);
 - ``candidate`` int64 (member,): the draw index whose noise made the member (= member index
   unless a threshold rejects draws);
+- ``direction`` float64 (direction_component,), shift proposals only: the unit direction the
+  proposal shifted the model's standard-normal input along (a latent code, or a diffusion
+  sampler's initial noise flattened from (1, time, y, x));
 - coordinates ``member``, ``time`` (hours since the window's first step), ``y``, ``x``
   (window indices); a conditioned ensemble carries its condition's real times (CF ``hours
   since``) and the source store's y / x instead;
@@ -90,6 +93,7 @@ class EnsembleStore:
         attrs: dict[str, Any],
         units: str,
         coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
+        direction: np.ndarray | None = None,
     ) -> EnsembleStore:
         """The store for ``identity``: created if absent, reopened to resume if it holds the
         same ensemble; refused if it holds anything else."""
@@ -97,7 +101,7 @@ class EnsembleStore:
         key = fingerprint(identity)
         found = cls._existing_fingerprint(url, options)
         if found is None:
-            cls._create(url, options, layout, key, identity, attrs, units, coords)
+            cls._create(url, options, layout, key, identity, attrs, units, coords, direction)
         elif found != key:
             raise EnsembleStoreError(
                 f"{url} already holds a different ensemble (fingerprint {found}, this request "
@@ -143,6 +147,7 @@ class EnsembleStore:
         attrs: dict[str, Any],
         units: str,
         coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
+        direction: np.ndarray | None = None,
     ) -> None:
         t, y, x = layout.window
         n, c = layout.members, layout.chunk_members
@@ -208,6 +213,20 @@ class EnsembleStore:
             dimension_names=["member"],
             attributes={"long_name": "index of the draw that made the member"},
         )
+        if direction is not None:
+            d = np.asarray(direction, dtype=np.float64).ravel()
+            arr = group.create_array(
+                "direction",
+                shape=d.shape,
+                dtype="float64",
+                chunks=(min(d.size, 1_000_000),),
+                dimension_names=["direction_component"],
+                attributes={
+                    "long_name": "unit direction of the shift proposal in the model's "
+                    "standard-normal input"
+                },
+            )
+            arr[:] = d
         # the fingerprint last: a store is only ever resumed once its layout is whole
         group.attrs.update(
             {

@@ -24,6 +24,7 @@ from cloudburst.models.roles import (
     Condition,
     ConditionalSampler,
     Generative,
+    NoiseSteerable,
     Trainable,
     TransformedInput,
 )
@@ -118,6 +119,10 @@ def v_loss(
 
 # ------------------------------------------------------------------------------- the model
 
+PROBE_SEED = 0  # the probe samples' noise: every epoch scores the same draws
+DIRECTION_SEED = 0  # the noise draws an extreme direction is averaged over
+SOFT_MAX_TEMPERATURE = 0.05  # of the soft maximum an extreme direction raises (in [-1, 1])
+
 
 class DiffusionModel(torch.nn.Module):
     """The diffusion model of a window shape: U-Net, schedule and input transformation.
@@ -197,17 +202,14 @@ class DiffusionModel(torch.nn.Module):
         generators: Sequence[torch.Generator] | None = None,
         steps: int | None = None,
         sampler: str | None = None,
+        initial: Tensor | None = None,
     ) -> Tensor:
         """``n`` windows (n, 1, time, y, x) in [0, 1]; ``condition`` gives known values in
-        [0, 1]; ``generators``: one noise stream per window (see
-        :func:`cloudburst.models.samplers.sample`)."""
+        [0, 1]; ``generators``: one noise stream per window; ``initial``: the initial noise
+        z_1 (see :func:`cloudburst.models.samplers.sample`)."""
         device = next(self.parameters()).device
         shape = (int(n), 1, *self.window)
-        inner = None
-        if condition is not None:
-            with torch.no_grad():
-                known = self.to_model_space(condition.known.to(device))
-            inner = Condition(known, condition.mask.to(device), condition.guidance)
+        inner = self.inner_condition(condition)
         was = self.training
         self.eval()
         y = samplers.sample(
@@ -220,16 +222,70 @@ class DiffusionModel(torch.nn.Module):
             generator=generator,
             generators=generators,
             device=device,
+            initial=initial,
         )
         self.train(was)
         with torch.no_grad():
             return self.from_model_space(y)
 
+    def inner_condition(self, condition: Condition | None) -> Condition | None:
+        """``condition`` (known values in [0, 1]) in the network's [-1, 1] space."""
+        if condition is None:
+            return None
+        device = next(self.parameters()).device
+        with torch.no_grad():
+            known = self.to_model_space(condition.known.to(device))
+        return Condition(known, condition.mask.to(device), condition.guidance)
+
+    def extreme_direction(
+        self, condition: Condition | None = None, *, draws: int = 4, steps: int = 10
+    ) -> Tensor:
+        """Unit direction (1, time, y, x) in the initial noise along which the sample's
+        extremes grow: the gradient of each sample's soft maximum (temperature
+        :data:`SOFT_MAX_TEMPERATURE`, in the network's space, over the values ``condition``
+        leaves unknown) with respect to its initial noise, through ``steps`` DDIM steps
+        without clipping, averaged over ``draws`` fixed noise draws (seed
+        :data:`DIRECTION_SEED`). Raises ValueError when the sample does not vary with its
+        noise (an untrained network)."""
+        if draws < 1 or steps < 1:
+            raise ValueError(f"draws and steps must be >= 1 (got {draws}, {steps})")
+        device = next(self.parameters()).device
+        shape = (int(draws), 1, *self.window)
+        generator = torch.Generator().manual_seed(DIRECTION_SEED)
+        z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        z.requires_grad_(True)
+        inner = self.inner_condition(condition.expand(draws) if condition is not None else None)
+        was = self.training
+        self.eval()
+        try:
+            y = samplers.sample(
+                self.net,
+                shape,
+                self.schedule,
+                steps,
+                sampler="ddim",
+                condition=inner,
+                generator=generator,
+                device=device,
+                clip=None,
+                initial=z,
+                differentiable=True,
+            )
+            flat = y.flatten(1) / SOFT_MAX_TEMPERATURE
+            if inner is not None:
+                flat = flat.masked_fill(inner.mask.flatten(1), -torch.inf)
+            soft_max = SOFT_MAX_TEMPERATURE * torch.logsumexp(flat, dim=1)
+            (grad,) = torch.autograd.grad(soft_max.sum(), z)
+        finally:
+            self.train(was)
+        mean = grad.detach().double().mean(dim=0, keepdim=True)
+        norm = float(mean.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            raise ValueError("the samples' maxima do not vary with the initial noise")
+        return (mean / norm).float().squeeze(0)
+
 
 # ------------------------------------------------------------------------- registry entry
-
-
-PROBE_SEED = 0  # the probe samples' noise: every epoch scores the same draws
 
 
 def _epoch_metrics(network: torch.nn.Module, probe: EpochProbe) -> dict[str, float]:
@@ -265,8 +321,8 @@ FAMILY = ModelFamily(
     name="diffusion",
     config=DiffusionConfig,
     build=DiffusionModel,
-    roles=frozenset({Trainable, Generative, ConditionalSampler, TransformedInput}),
-    scenarios=frozenset({"unconditional", "interpolation", "forecast", "extension"}),
+    roles=frozenset({Trainable, Generative, ConditionalSampler, NoiseSteerable, TransformedInput}),
+    scenarios=frozenset({"unconditional", "extreme", "interpolation", "forecast", "extension"}),
     learning_rate=lambda _cfg: 1e-4,
     tags=lambda cfg: {"transform": cfg.transform, "sampler": cfg.sampler},
     epoch_metrics=_epoch_metrics,

@@ -32,6 +32,7 @@ from cloudburst.models.roles import (
     ConditionalSampler,
     Generative,
     LatentModel,
+    NoiseSteerable,
     RoleError,
     Trainable,
     implements,
@@ -57,13 +58,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("unconditional", "extreme", "interpolation", "forecast", "extension")
-# the role a scenario needs from the network, beside the family declaring the scenario
-SCENARIO_ROLES: dict[str, type] = {
-    "unconditional": Generative,
-    "extreme": LatentModel,
-    "interpolation": ConditionalSampler,
-    "forecast": ConditionalSampler,
-    "extension": ConditionalSampler,
+# the roles a scenario needs from the network (one of them), beside the family declaring it:
+# extremes steer a latent model's code or a sampler's initial noise
+SCENARIO_ROLES: dict[str, tuple[type, ...]] = {
+    "unconditional": (Generative,),
+    "extreme": (LatentModel, NoiseSteerable),
+    "interpolation": (ConditionalSampler,),
+    "forecast": (ConditionalSampler,),
+    "extension": (ConditionalSampler,),
 }
 
 R = TypeVar("R")
@@ -144,10 +146,10 @@ class ModelFamily:
             )
         for scenario in self.scenarios:
             needed = SCENARIO_ROLES[scenario]
-            if needed not in self.roles:
+            if not self.roles & set(needed):
                 raise ValueError(
                     f"family {self.name!r} serves {scenario!r} but does not play "
-                    f"{needed.__name__}, which that scenario needs"
+                    f"{' or '.join(r.__name__ for r in needed)}, which that scenario needs"
                 )
 
     def plays(self, role: type) -> bool:

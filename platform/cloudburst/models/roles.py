@@ -28,6 +28,7 @@ __all__ = [
     "ConditionalSampler",
     "Generative",
     "LatentModel",
+    "NoiseSteerable",
     "Reconstructor",
     "RoleError",
     "Trainable",
@@ -132,11 +133,13 @@ class Reconstructor(Protocol):
 class ConditionalSampler(Protocol):
     """Draws windows that keep given values (interpolation, forecast, extension).
 
-    ``sample(n, generator, condition, *, generators, steps, sampler)`` -> (n, 1, time, y, x)
-    model space. ``condition`` (a :class:`Condition` of n rows, or None: unconditional) gives
-    known values that the result keeps; ``generators`` (one CPU generator per row) draw each
-    row's noise from its own stream, so a row does not depend on the others; ``steps`` and
-    ``sampler`` override the model's sampler settings (None: its own).
+    ``sample(n, generator, condition, *, generators, steps, sampler, initial)`` -> (n, 1,
+    time, y, x) model space. ``condition`` (a :class:`Condition` of n rows, or None:
+    unconditional) gives known values that the result keeps; ``generators`` (one CPU
+    generator per row) draw each row's noise from its own stream, so a row does not depend on
+    the others; ``steps`` and ``sampler`` override the model's sampler settings (None: its
+    own); ``initial`` (n, 1, time, y, x) float is the sampler's initial noise z_1 ~ N(0, I)
+    when given (then the generators draw only the other noise).
     """
 
     def sample(
@@ -148,6 +151,23 @@ class ConditionalSampler(Protocol):
         generators: list[torch.Generator] | None = None,
         steps: int | None = None,
         sampler: str | None = None,
+        initial: Tensor | None = None,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class NoiseSteerable(Protocol):
+    """A sampler whose initial noise z_1 ~ N(0, I) can be steered towards extremes.
+
+    ``extreme_direction(condition, *, draws, steps)`` -> (1, time, y, x) float tensor of unit
+    norm: the direction in z_1 along which the sample's extremes grow on average (the gradient
+    of a smooth tail statistic of the sample, over the values ``condition`` leaves unknown,
+    averaged over ``draws`` fixed draws, through ``steps`` deterministic sampler steps). A
+    model property: the same on every process for the same condition.
+    """
+
+    def extreme_direction(
+        self, condition: Condition | None = None, *, draws: int = 4, steps: int = 10
     ) -> Tensor: ...
 
 
@@ -165,6 +185,7 @@ ROLES: tuple[type, ...] = (
     LatentModel,
     Reconstructor,
     ConditionalSampler,
+    NoiseSteerable,
     TransformedInput,
 )
 

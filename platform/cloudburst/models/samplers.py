@@ -83,19 +83,26 @@ def guided_estimate(
     alpha: Tensor,
     sigma: Tensor,
     condition: Condition | None,
+    *,
+    differentiable: bool = False,
 ) -> Tensor:
     """The denoised estimate x^ = alpha z - sigma v^(z, lambda), corrected on the unknown part
-    by -(w_r alpha / 2) d/dz ||mask (known - x^(z))||^2 when ``condition`` has w_r > 0."""
+    by -(w_r alpha / 2) d/dz ||mask (known - x^(z))||^2 when ``condition`` has w_r > 0.
+
+    ``differentiable``: keep the graph from ``z`` to x^ (the correction included), so that a
+    whole trajectory can be differentiated with respect to its initial noise."""
     if condition is None or condition.guidance <= 0:
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             return denoise(z, net(z, lam), alpha, sigma)
     known, mask = condition.known, condition.mask
     with torch.enable_grad():
-        zg = z.detach().requires_grad_(True)
+        zg = z if differentiable and z.requires_grad else z.detach().requires_grad_(True)
         x_hat = denoise(zg, net(zg, lam), alpha, sigma)
         err = ((known - x_hat) * mask).pow(2).sum()
-        (grad,) = torch.autograd.grad(err, zg)
-    return x_hat.detach() - condition.guidance * float(alpha) / 2.0 * grad * (~mask)
+        (grad,) = torch.autograd.grad(err, zg, create_graph=differentiable)
+    if not differentiable:
+        x_hat, grad = x_hat.detach(), grad.detach()
+    return x_hat - condition.guidance * float(alpha) / 2.0 * grad * (~mask)
 
 
 def sample(
@@ -110,6 +117,8 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     clip: float | None = 1.0,
+    initial: Tensor | None = None,
+    differentiable: bool = False,
 ) -> Tensor:
     """Draw samples of ``shape`` (n, 1, time, y, x) in the network's space from t = 1 to 0.
 
@@ -121,6 +130,11 @@ def sample(
     values). ``clip`` bounds the denoised estimate to [-clip, clip] (data live in [-1, 1]).
     The useful range of w_r depends on how strongly the network's x^ couples pixels: the
     correction is a gradient step, and too large a weight overshoots (then clipped).
+
+    ``initial``: the initial noise z_1 (``shape``), instead of a first draw from the
+    generators (which then draw only the step noise and the condition's forward noise).
+    ``differentiable``: the result keeps its graph back to ``initial`` (which then requires
+    gradients), for the gradient of a statistic of the sample with respect to its noise.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
@@ -132,6 +146,10 @@ def sample(
         raise ValueError(
             f"the condition is {tuple(condition.known.shape)}, the samples {tuple(shape)}"
         )
+    if initial is not None and tuple(initial.shape) != tuple(shape):
+        raise ValueError(f"the initial noise is {tuple(initial.shape)}, the samples {tuple(shape)}")
+    if initial is not None and not bool(torch.isfinite(initial).all()):
+        raise ValueError("the initial noise holds NaN or infinite values")
 
     def noise() -> Tensor:
         if generators is None:
@@ -139,7 +157,7 @@ def sample(
         rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators]
         return torch.stack(rows).to(device)
 
-    z = noise()
+    z = noise() if initial is None else initial.to(device=device, dtype=torch.float32)
     if condition is not None:
         condition = Condition(
             condition.known.to(device=device, dtype=z.dtype),
@@ -156,10 +174,10 @@ def sample(
         if condition is not None:
             forward = alpha.to(z.dtype) * condition.known + sigma.to(z.dtype) * noise()
             z = torch.where(condition.mask, forward, z)
-        x_hat = guided_estimate(net, z, lam, alpha, sigma, condition)
+        x_hat = guided_estimate(net, z, lam, alpha, sigma, condition, differentiable=differentiable)
         if clip is not None:
             x_hat = x_hat.clamp(-clip, clip)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             if sampler == "ddim":
                 z = ddim_step(z, x_hat, t, s, schedule)
             elif s > 0:
@@ -170,4 +188,4 @@ def sample(
         z = x_hat
     if condition is not None:
         z = torch.where(condition.mask, condition.known, z)
-    return z.detach()
+    return z if differentiable else z.detach()

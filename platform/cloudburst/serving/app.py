@@ -83,7 +83,7 @@ class EnsembleAPI:
         self.tracking_uri = tracking.tracking_uri(self.settings.tracking_uri)
         self.tasks: dict[str, asyncio.Task] = {}
         self.reserved = 0  # queue slots held by submissions still being checked
-        self.latents: dict[str, int | None] = {}
+        self.steered_sizes: dict[str, int | None] = {}
         self.recovered = False
 
     async def _recover(self) -> None:
@@ -190,41 +190,37 @@ class EnsembleAPI:
         scenario = req.scenario.model_copy(update={"condition": condition})
         return req.model_copy(update={"scenario": scenario})
 
-    def _latent_size(self, version_uri: str) -> int | None:
-        """The latent size of a registered version (None: not a latent model), cached."""
-        if version_uri not in self.latents:
-            from cloudburst.ensembles.generate import resolve
-            from cloudburst.models.roles import LatentModel
+    def _steered_size(self, version_uri: str) -> int | None:
+        """How many numbers a shift direction of a registered version has (None: its draws
+        cannot be steered), cached."""
+        if version_uri not in self.steered_sizes:
+            from cloudburst.ensembles.generate import resolve, steered_size
 
-            packaged = resolve(version_uri, self.tracking_uri).packaged
-            latent = None
-            if packaged.plays(LatentModel):
-                latent = int(packaged.network(LatentModel).latent_size)
-            if len(self.latents) >= MODELS_PER_REPLICA:
-                self.latents.pop(next(iter(self.latents)))
-            self.latents[version_uri] = latent
-        return self.latents[version_uri]
+            size = steered_size(resolve(version_uri, self.tracking_uri).packaged)
+            if len(self.steered_sizes) >= MODELS_PER_REPLICA:
+                self.steered_sizes.pop(next(iter(self.steered_sizes)))
+            self.steered_sizes[version_uri] = size
+        return self.steered_sizes[version_uri]
 
     async def _check_direction(self, req: Any, version_uri: str) -> None:
         direction = req.scenario.direction
         if direction is None:
             return
-        if req.scenario.kind != "extreme" or req.scenario.proposal != "shift":
-            raise ApiError(400, "scenario.direction applies to kind extreme with proposal shift")
         try:
-            latent = await asyncio.to_thread(self._latent_size, version_uri)
+            size = await asyncio.to_thread(self._steered_size, version_uri)
         except Exception as exc:  # noqa: BLE001 - reported without the server's paths
-            log.exception("loading %s to check its latent size failed", version_uri)
+            log.exception("loading %s to check its steered input failed", version_uri)
             raise ApiError(
                 503, self.settings.redact(f"cannot load {req.model} now ({exc}); retry later")
             ) from None
-        if latent is None:
-            raise ApiError(400, f"scenario.direction applies to latent models; {req.model} is not")
-        if len(direction) != latent:
+        if size is None:
+            raise ApiError(400, f"scenario.direction: the draws of {req.model} cannot be steered")
+        if len(direction) != size:
             raise ApiError(
                 400,
-                f"scenario.direction has {len(direction)} numbers; {req.model} has a latent of "
-                f"{latent}: give exactly {latent}",
+                f"scenario.direction has {len(direction)} numbers; {req.model} steers an input "
+                f"of {size} (a latent code, or a diffusion window's time x y x x noise): give "
+                f"exactly {size}",
             )
 
     def _drive(self, record: dict[str, Any], request: dict[str, Any] | None = None) -> None:

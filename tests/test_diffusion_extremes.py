@@ -1,0 +1,291 @@
+"""Extreme scenarios of the diffusion model: the sampler's initial noise drawn from a proposal,
+every member with its exact importance weight p(z) / q(z), unconditional and conditioned on
+observed frames, with both samplers.
+
+The model is the tiny diffusion model of the conditional-ensemble tests, trained briefly on
+the synthetic store (a few hundred CPU steps) so that its window maxima spread out instead of
+saturating; the weighted estimator is unbiased whatever the model, so these checks do not
+depend on how well it is trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from pydantic import ValidationError
+from scipy import stats as sps
+from test_conditional_ensembles import START, WINDOW, diffusion, store  # noqa: F401
+
+from cloudburst.ensembles.extremes import ensemble_exceedance, exceedance_probability
+from cloudburst.ensembles.generate import (
+    EnsembleError,
+    Generator,
+    ResolvedModel,
+    generate,
+    regenerate,
+)
+from cloudburst.ensembles.proposals import GaussianProposal, ProposalError, noise_seed
+from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.markers import read_marker
+from cloudburst.models.samplers import sample
+
+SIZE = int(np.prod(WINDOW))  # numbers of one window's initial noise
+TRAIN_STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def model(store) -> ResolvedModel:  # noqa: F811
+    return trained(store)
+
+
+def trained(store: str) -> ResolvedModel:  # noqa: F811
+    """The tiny diffusion model (sqrt transformation), trained TRAIN_STEPS Adam steps on
+    random windows of the synthetic store."""
+    resolved = diffusion(store, transform="sqrt")
+    packaged = resolved.packaged
+    net = packaged.model
+    values = np.nan_to_num(zarr.open_array(store, path="precip", mode="r")[:])
+    data = torch.from_numpy(packaged.to_model_space(values).astype(np.float32))
+    rng = np.random.default_rng(0)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    t, y, x = WINDOW
+    for _ in range(TRAIN_STEPS):
+        starts = zip(
+            rng.integers(0, data.shape[0] - t, 16),
+            rng.integers(0, data.shape[1] - y + 1, 16),
+            rng.integers(0, data.shape[2] - x + 1, 16),
+            strict=True,
+        )
+        batch = torch.stack([data[a : a + t, b : b + y, c : c + x] for a, b, c in starts])
+        batch = batch[:, None]
+        loss, _ = net.loss({"x": batch, "mask": torch.ones_like(batch, dtype=torch.bool)})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    return resolved
+
+
+def ask(output, members: int = 8, **fields) -> EnsembleRequest:
+    scenario = fields.pop("scenario", {"kind": "extreme"})
+    body = {
+        "model": "models:/d/1",
+        "members": members,
+        "seed": 11,
+        "output": str(output),
+        "batch_size": 64,
+        "chunk_members": 256,
+        "steps": 6,
+        "sampler": "ddim",
+        "scenario": scenario,
+        **fields,
+    }
+    return EnsembleRequest.model_validate(body)
+
+
+def forecast(store: str, **steer) -> dict:  # noqa: F811
+    condition = {"data": store, "time": START, "y": 2, "x": 3}
+    return {"kind": "forecast", "context": 2, "condition": condition, "guidance": 1.0, **steer}
+
+
+def window_max(x: np.ndarray, frames: slice = slice(None)) -> np.ndarray:
+    return x[:, frames].reshape(len(x), -1).max(axis=1)
+
+
+# ------------------------------------------------------------------------ the weights
+
+
+def test_weights_are_p_over_q_of_the_noise_each_member_is_sampled_from(model, tmp_path):
+    """A direct density computation (scipy, independent of the proposal's closed form) gives
+    the same weights; and the member is the sampler's output for exactly that initial noise,
+    the rest of its noise from its own stream."""
+    request = ask(tmp_path / "w.zarr", batch_size=1, scenario={"kind": "extreme", "shift": 2.5})
+    gen = Generator(request, model)
+    assert gen.direction is not None and gen.direction.shape == (SIZE,)
+    z, w = gen.proposal.draw(request.seed, np.arange(60))
+    a, shift = request.scenario.defensive, 2.5 * gen.direction
+    log_p = sps.norm.logpdf(z).sum(axis=1)
+    log_shifted = sps.norm.logpdf(z - shift).sum(axis=1)
+    log_q = np.logaddexp(np.log(a) + log_p, np.log1p(-a) + log_shifted)
+    np.testing.assert_allclose(w, np.exp(log_p - log_q), rtol=1e-9)
+    assert (w < 1).any() and (w > 1).any()  # both components were drawn
+
+    tail = ask(tmp_path / "t.zarr", scenario={"kind": "extreme", "proposal": "tail"})
+    zt, wt = Generator(tail, model).proposal.draw(tail.seed, np.arange(60))
+    radius = sps.chi.ppf(0.99, SIZE)
+    beyond = np.linalg.norm(zt, axis=1) > radius
+    expected = 1.0 / (a + (1 - a) * beyond / sps.chi.sf(radius, SIZE))
+    np.testing.assert_allclose(wt, expected, rtol=1e-6)
+    assert beyond.any() and not beyond.all()
+
+    net = model.packaged.model
+    for k in (0, 7):
+        x, wk = gen.draws(np.array([k]))
+        noise = torch.from_numpy(z[k].astype(np.float32)).reshape(1, 1, *WINDOW)
+        streams = [torch.Generator().manual_seed(noise_seed(request.seed, k))]
+        with torch.no_grad():
+            direct = net.sample(1, generators=streams, initial=noise, steps=6, sampler="ddim")
+        assert x.tobytes() == model.packaged.to_physical(direct).tobytes()
+        assert wk[0] == w[k]
+
+
+# ------------------------------------------------------------------- unbiased estimates
+
+
+MILD = {"shift": 1.5, "defensive": 0.5}  # weights at most 2: standard errors that hold
+
+
+@pytest.mark.parametrize("case", ["ddim", "ancestral", "forecast"])
+def test_importance_estimates_agree_with_plain_monte_carlo(model, store, tmp_path, case):  # noqa: F811
+    """P(window max > L) at two moderate levels (the plain run's 0.8 and 0.95 quantiles)
+    from steered draws and their weights agrees with plain draws within their standard
+    errors, for both samplers and for a steered forecast (maxima over the generated steps:
+    the known ones are the same in every member); the weights average 1 (E_q[p/q] = 1).
+    A mild proposal keeps the weights bounded, so that the standard errors themselves are
+    reliable at these sample sizes."""
+    sampler = "ddim" if case == "forecast" else case
+    if case == "forecast":
+        plain_scenario = forecast(store, guidance=0.0)
+        steered_scenario = forecast(store, guidance=0.0, proposal="shift", **MILD)
+    else:
+        plain_scenario, steered_scenario = {"kind": "unconditional"}, {"kind": "extreme", **MILD}
+    frames = slice(2, None) if case == "forecast" else slice(None)
+    plain = Generator(ask(tmp_path / "p.zarr", sampler=sampler, scenario=plain_scenario), model)
+    steered = Generator(ask(tmp_path / "s.zarr", sampler=sampler, scenario=steered_scenario), model)
+    x_plain, w_plain = plain.draws(np.arange(1000))
+    x_steered, w_steered = steered.draws(np.arange(1000))
+    assert (w_plain == 1).all() and np.ptp(w_steered) > 0
+    assert abs(w_steered.mean() - 1) < 4 * w_steered.std() / np.sqrt(w_steered.size)
+    m_plain, m_steered = window_max(x_plain, frames), window_max(x_steered, frames)
+    levels = np.quantile(m_plain, [0.8, 0.95])
+    by_plain = exceedance_probability(m_plain, levels)
+    by_weights = exceedance_probability(m_steered, levels, w_steered)
+    gap = np.abs(by_weights.probability - by_plain.probability)
+    assert (gap < 4 * np.hypot(by_weights.stderr, by_plain.stderr)).all(), (by_plain, by_weights)
+    assert (by_weights.probability > 0).all()
+
+
+def test_the_shift_raises_the_share_of_extreme_members(model, tmp_path):
+    """Steering does something: with the deterministic sampler, the shifted noise makes
+    windows above the plain run's 0.97 quantile several times as common."""
+    plain = Generator(ask(tmp_path / "p.zarr", scenario={"kind": "unconditional"}), model)
+    steered = Generator(ask(tmp_path / "s.zarr"), model)
+    m_plain = window_max(plain.draws(np.arange(800))[0])
+    m_steered = window_max(steered.draws(np.arange(400))[0])
+    level = np.quantile(m_plain, 0.97)
+    assert np.mean(m_steered > level) > 3 * np.mean(m_plain > level)
+
+
+def test_a_rejected_draw_count_enters_the_estimate(model, tmp_path):
+    """A steered ensemble that keeps only members reaching a threshold stores fewer members
+    than it drew; its exceedance estimate above the threshold divides by every draw, and so
+    equals the estimate from all the same draws kept (same seed: the same draws)."""
+    probe = Generator(ask(tmp_path / "probe.zarr"), model)
+    cut = float(np.quantile(window_max(probe.draws(np.arange(200))[0]), 0.6))
+    kept = ask(tmp_path / "kept.zarr", members=30, scenario={"kind": "extreme", "threshold": cut})
+    generate(kept, model=model)
+    draws = int(read_marker(kept.output)["draws"])
+    assert draws > 30
+    every = ask(tmp_path / "every.zarr", members=draws)
+    generate(every, model=model)
+    levels = [cut, cut * 1.2]
+    from_kept = ensemble_exceedance(kept.output, levels)
+    from_every = ensemble_exceedance(every.output, levels)
+    assert from_kept.draws == draws
+    np.testing.assert_allclose(from_kept.probability, from_every.probability, rtol=1e-12)
+    ens = xr.open_zarr(kept.output, consolidated=False)
+    over = window_max(ens.precip.values)[:, None] > np.asarray(levels)[None]
+    by_hand = (ens.weight.values[:, None] * over).sum(axis=0) / draws
+    np.testing.assert_allclose(from_kept.probability, by_hand, rtol=1e-12)
+    assert (by_hand * draws / 30 > by_hand * 1.5).all()  # members alone would overstate it
+
+
+# --------------------------------------------------------------- stores and regeneration
+
+
+@pytest.mark.parametrize("kind", ["extreme", "forecast", "extension"])
+def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
+    model,
+    store,  # noqa: F811
+    tmp_path,
+    kind,
+):
+    if kind == "extreme":
+        scenario = {"kind": "extreme", "shift": 2.0}
+    elif kind == "forecast":
+        scenario = forecast(store, proposal="shift", shift=2.0)
+    else:
+        scenario = {**forecast(store, proposal="tail"), "kind": "extension", "length": 7}
+    request = ask(tmp_path / "e.zarr", members=10, batch_size=4, chunk_members=4, scenario=scenario)
+    generate(request, model=model)
+    ens = xr.open_zarr(request.output, consolidated=False)
+    assert ens.attrs["proposal"] == scenario.get("proposal", "shift")
+    weights = ens.weight.values
+    assert np.isfinite(weights).all() and (weights > 0).all() and np.ptp(weights) > 0
+    for k in (0, 9):
+        x, w = regenerate(request, [k], model=model)
+        assert x[0].tobytes() == ens.precip.values[k].tobytes() and w[0] == weights[k]
+    if scenario.get("proposal", "shift") == "shift":
+        d = ens.direction.values
+        assert d.shape == (SIZE,) and np.linalg.norm(d) == pytest.approx(1.0)
+        assert "soft maximum" in ens.attrs["direction_source"]
+        # a worker given the driver's direction (the fan-out, the endpoint) writes the same
+        pinned = Generator(request, model, direction=d)
+        x, _ = pinned.draws(np.array([3]))
+        assert x[0].tobytes() == ens.precip.values[3].tobytes()
+    else:
+        assert "direction" not in ens.variables and ens.attrs["tail_quantile"] == 0.99
+
+
+def test_a_forecast_direction_grows_the_generated_steps_only(model, store):  # noqa: F811
+    """The direction of a steered forecast is the gradient over the steps it generates: the
+    known steps' noise is replaced by the condition at every step, so it has no component
+    there."""
+    gen = Generator(ask("unused.zarr", scenario=forecast(store, proposal="shift")), model)
+    d = gen.direction.reshape(WINDOW)
+    assert np.abs(d[:2]).max() == 0.0 and np.abs(d[2:]).max() > 0
+
+
+# ------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("scenario", "words"),
+    [
+        ({"kind": "extreme", "proposal": "prior"}, "an extreme scenario steers its draws"),
+        ({"kind": "unconditional", "proposal": "shift"}, "use kind extreme"),
+        ({"kind": "extreme", "proposal": "tail", "direction": [1.0]}, "shift proposal"),
+        ({"kind": "extreme", "direction": [float("nan")] * 4}, "finite number"),
+        ({"kind": "extreme", "shift": float("inf")}, "finite number"),
+        ({"kind": "extreme", "direction": [1.0] * 262_145}, "at most 262144"),
+    ],
+)
+def test_bad_proposals_are_refused_by_the_request(scenario, words):
+    with pytest.raises(ValidationError, match=words):
+        ask("x.zarr", scenario=scenario)
+
+
+def test_bad_directions_and_noise_are_refused_before_anything_is_written(model, tmp_path):
+    out = tmp_path / "bad.zarr"
+    short = ask(out, scenario={"kind": "extreme", "direction": [1.0] * 10})
+    with pytest.raises(EnsembleError, match=f"must be {SIZE} numbers"):
+        generate(short, model=model)
+    with pytest.raises(EnsembleError, match="pinned direction has 3 numbers"):
+        Generator(ask(out), model, direction=np.ones(3))
+    with pytest.raises(EnsembleError, match="pinned direction"):
+        Generator(ask(out), model, direction=np.full(SIZE, np.nan))
+    assert not out.exists()
+    with pytest.raises(ProposalError, match="NaN or infinite"):
+        GaussianProposal(ask(out).scenario, 3, np.array([1.0, np.inf, 0.0]))
+    with pytest.raises(ProposalError, match="direction of 3 numbers"):
+        GaussianProposal(ask(out).scenario, 3, np.ones(4))
+    net = model.packaged.model
+    shape = (2, 1, *WINDOW)
+    schedule = net.schedule
+    with pytest.raises(ValueError, match="initial noise is"):
+        sample(net.net, shape, schedule, 2, initial=torch.zeros(1, 1, *WINDOW))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sample(net.net, shape, schedule, 2, initial=torch.full(shape, float("nan")))

@@ -10,6 +10,19 @@ beside a deterministic baseline whose CRPS is its MAE: persistence of the last k
 forecasts and extensions, linear interpolation between the neighbouring known frames for
 interpolations. ``crps_skill`` = 1 - CRPS / baseline MAE (> 0: the ensemble beats it).
 
+A steered store (``proposal`` shift or tail: draws from a defensive mixture, members carrying
+importance weights p/q) is verified with its weights, as an unconditional one is; ``source``
+says ``weighted`` and Kish's effective number of members (sum w)^2 / sum w^2.
+
+The conditional exceedance of the generated part: for each threshold, P(max over the generated
+steps and pixels > t | condition) by :func:`cloudburst.ensembles.extremes.exceedance_probability`
+(importance-weighted, over every draw the completion marker counts), as
+``cond_exceedance_<name>`` and ``cond_exceedance_<name>_stderr``, beside the observed maximum
+over the same steps (``source["observed_generated_max"]``). When a rejection threshold dropped
+draws, thresholds below it cannot be estimated (the rejected draws' values are unknown): they
+are skipped and ``source["exceedance_skipped"]`` says why. The exceedance needs no observation,
+so a forecast past the end of its condition store still gets it.
+
 Memory: one time step of all members at a time.
 """
 
@@ -23,6 +36,7 @@ import numpy as np
 import zarr
 
 from cloudburst.ensembles.condition import window_values
+from cloudburst.ensembles.extremes import exceedance_probability
 from cloudburst.ensembles.store import read_marker, zarr_store
 from cloudburst.evaluation.verify import EnsembleVerifier
 
@@ -129,16 +143,25 @@ def verify_conditional(
     truth = read_truth(condition, steps, (ny, nx), condition_options)
     base = baseline(truth, known, kind)
     step_hours = float(attrs.get("time_step_hours", 1.0))
+    weights = np.asarray(group["weight"][:], dtype=np.float64).reshape(-1)
+    if weights.shape != (m,):
+        raise ConditionalError(f"{url} holds {weights.size} weights for {m} members")
+    weighted = is_weighted(weights)
+    member_weights = weights if weighted else None
     overall = EnsembleVerifier(thresholds, seed=seed)
     lead, crps, fair, base_mae, spread = [], [], [], [], []
+    generated_max = np.full(m, -np.inf)  # each member's maximum over the generated steps
     for t in range(steps):
-        obs_t = truth[t].reshape(-1)
-        if known[t] or not np.isfinite(obs_t).any():
+        if known[t]:
             continue
         ens_t = np.asarray(precip[:, t], dtype=np.float32).reshape(m, -1)
-        overall.update(ens_t, obs_t)
+        generated_max = np.fmax(generated_max, np.fmax.reduce(ens_t, axis=1))
+        obs_t = truth[t].reshape(-1)
+        if not np.isfinite(obs_t).any():
+            continue
+        overall.update(ens_t, obs_t, member_weights)
         step = EnsembleVerifier(thresholds, seed=seed + t)
-        step.update(ens_t, obs_t)
+        step.update(ens_t, obs_t, member_weights)
         scores = step.compute()
         ok = np.isfinite(obs_t) & np.isfinite(base[t].reshape(-1))
         lead.append(t * step_hours)
@@ -155,12 +178,24 @@ def verify_conditional(
         "condition": condition,
         "known_steps": [int(i) for i in np.flatnonzero(known)],
         "verified_steps": len(lead),
+        "weighted": weighted,
+        "effective_members": kish(weights),
+        "draws": int(marker.get("draws", m)),
     }
+    exceedance: dict[str, float] = {}
+    if (~known).any():
+        observed = truth[~known]
+        observed = observed[np.isfinite(observed)]
+        source["observed_generated_max"] = float(observed.max()) if observed.size else None
+        exceedance = conditional_exceedance(
+            generated_max, weights, thresholds, marker, attrs, source
+        )
     if not lead:
         source["verified_against"] = "nothing: the condition store observes no generated step"
-        return source, {}, {}
+        return source, exceedance, {}
     scores = overall.compute()
     metrics = {f"cond_{k}": float(v) for k, v in scores.items() if not isinstance(v, dict | list)}
+    metrics |= exceedance
     metrics["cond_baseline_mae"] = float(np.mean(base_mae))
     if metrics["cond_baseline_mae"] > 0:
         metrics["cond_crps_skill"] = 1.0 - metrics["cond_crps"] / metrics["cond_baseline_mae"]
@@ -180,3 +215,51 @@ def verify_conditional(
     )
     source["request"] = json.loads(str(attrs.get("request", "{}")))
     return source, metrics, curves
+
+
+def is_weighted(weights: np.ndarray) -> bool:
+    """Whether importance ``weights`` differ (relatively: weights of a strongly shifted
+    proposal may all be tiny, so no absolute tolerance)."""
+    return bool(weights.size) and not np.allclose(weights, weights.mean(), rtol=1e-9, atol=0.0)
+
+
+def kish(weights: np.ndarray) -> float:
+    """Kish's effective number of members, (sum w)^2 / sum w^2 (the members when equal)."""
+    w2 = float((weights**2).sum())
+    return float(weights.sum()) ** 2 / w2 if w2 > 0 else 0.0
+
+
+def conditional_exceedance(
+    generated_max: np.ndarray,
+    weights: np.ndarray,
+    thresholds: Mapping[str, float],
+    marker: Mapping[str, Any],
+    attrs: Mapping[str, Any],
+    source: dict[str, Any],
+) -> dict[str, float]:
+    """``cond_exceedance_<name>`` (and ``_stderr``) of each threshold: P(the generated part's
+    maximum > t | the condition), from the members' ``generated_max`` and importance
+    ``weights`` over every draw the marker counts. Thresholds a rejection threshold makes
+    inestimable are skipped and named in ``source["exceedance_skipped"]``."""
+    m = int(generated_max.size)
+    draws = int(marker.get("draws", m))
+    cut = attrs.get("threshold", marker.get("threshold"))
+    rejected = draws > m
+    out: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for name, value in thresholds.items():
+        t = float(value)
+        if rejected and (cut is None or t < float(cut)):
+            skipped[name] = (
+                f"{t:g} is below the store's threshold {float(cut):g}: {draws - m} rejected "
+                "draws were not stored, so the exceedance below it cannot be estimated"
+                if cut is not None
+                else f"the store rejected {draws - m} draws but records no threshold"
+            )
+            continue
+        est = exceedance_probability(generated_max, t, weights, draws=draws)
+        out[f"cond_exceedance_{name}"] = float(est.probability[0])
+        out[f"cond_exceedance_{name}_stderr"] = float(est.stderr[0])
+    if skipped:
+        source["exceedance_skipped"] = skipped
+    return out

@@ -210,7 +210,7 @@ def evaluate_store(
         if len(observed) == 0:
             entry.source["verified_against"] += " (none: not verified)"
             return entry
-    weighted = not np.allclose(weights, weights.mean())
+    weighted = not np.allclose(weights, weights.mean(), rtol=1e-9, atol=0.0)
     # half the budget for the float32 tile, half for the verifier (~160 B per element)
     budget = request.chunk_mb * 2**20
     verifier = EnsembleVerifier(thresholds, seed=request.seed, max_elements=int(budget / 2 / 160))

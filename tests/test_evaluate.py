@@ -40,13 +40,20 @@ def store(tmp_path_factory) -> str:
     return path
 
 
-def trained(store: str, steps: int = 40, seed: int = 0) -> PrecipitationModel:
-    """A tiny VAE after ``steps`` Adam steps on the store's windows."""
+def trained(store: str, steps: int = 40, seed: int = 0, kind: str = "vae") -> PrecipitationModel:
+    """A tiny VAE (or diffusion model) after ``steps`` Adam steps on the store's windows."""
+    from cloudburst.config import DiffusionConfig
+    from cloudburst.data.transforms import Scale
+
     torch.manual_seed(seed)
     ds, stats = open_store(store)
-    transform = for_data(stats)
-    cfg = VAEConfig(widths=(4, 8), latent=4, loss="rec+wqt", rec_weight=100)
-    net = registry.build("vae", cfg, WINDOW)
+    if kind == "vae":
+        transform = for_data(stats)
+        cfg = VAEConfig(widths=(4, 8), latent=4, loss="rec+wqt", rec_weight=100)
+    else:
+        transform = Scale(0.0, stats.max, "unit")
+        cfg = DiffusionConfig(widths=(4, 8), embedding=8, steps=4, transform="sqrt")
+    net = registry.build(kind, cfg, WINDOW)
     index = build_index(ds, WindowConfig(length=4, size=8, stride=8))
     data = WindowDataset(store, index, transform=transform, seed=seed, rank=0, world_size=1)
     batch_x = torch.stack([item["x"] for _, item in zip(range(64), data, strict=False)])
@@ -57,7 +64,7 @@ def trained(store: str, steps: int = 40, seed: int = 0) -> PrecipitationModel:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return PrecipitationModel(net, "vae", cfg, WINDOW, transform, stats)
+    return PrecipitationModel(net, kind, cfg, WINDOW, transform, stats)
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +205,11 @@ def test_nothing_to_evaluate_is_refused(store, tmp_path):
 
 
 @pytest.mark.integration
-def test_an_extreme_scenario_store_is_verified_against_observed_extremes(store, tmp_path):
+@pytest.mark.parametrize("kind", ["vae", "diffusion"])
+def test_an_extreme_scenario_store_is_verified_against_observed_extremes(store, tmp_path, kind):
     from cloudburst.ensembles.generate import ResolvedModel
 
-    packaged = trained(store, steps=20, seed=1)
+    packaged = trained(store, steps=20 if kind == "vae" else 60, seed=1, kind=kind)
     maxima = packaged.sample(400, seed=5).reshape(400, -1).max(axis=1)
     threshold = float(np.quantile(maxima, 0.7))
     model = ResolvedModel(packaged, "models:/x/1", "models:/x/1", None)

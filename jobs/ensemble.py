@@ -56,7 +56,7 @@ def parse(argv: list[str] | None) -> tuple[dict, str | None]:
     )
     p.add_argument(
         "--proposal",
-        choices=["prior", "shift", "tail"],
+        choices=["prior", "shift", "tail", "fitted"],
         help="how draws are steered (default: shift for extreme, prior otherwise)",
     )
     p.add_argument("--threshold", type=float, help="keep members with a pixel >= this")

@@ -233,7 +233,7 @@ def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
         assert d.shape == (SIZE,) and np.linalg.norm(d) == pytest.approx(1.0)
         assert "soft maximum" in ens.attrs["direction_source"]
         # a worker given the driver's direction (the fan-out, the endpoint) writes the same
-        pinned = Generator(request, model, direction=d)
+        pinned = Generator(request, model, steering=d)
         x, _ = pinned.draws(np.array([3]))
         assert x[0].tobytes() == ens.precip.values[3].tobytes()
     else:
@@ -273,10 +273,13 @@ def test_bad_directions_and_noise_are_refused_before_anything_is_written(model, 
     short = ask(out, scenario={"kind": "extreme", "direction": [1.0] * 10})
     with pytest.raises(EnsembleError, match=f"must be {SIZE} numbers"):
         generate(short, model=model)
+    fitted = ask(out, scenario={"kind": "extreme", "proposal": "fitted"})
+    with pytest.raises(EnsembleError, match="fitted proposal applies to latent models"):
+        generate(fitted, model=model)
     with pytest.raises(EnsembleError, match="pinned direction has 3 numbers"):
-        Generator(ask(out), model, direction=np.ones(3))
+        Generator(ask(out), model, steering=np.ones(3))
     with pytest.raises(EnsembleError, match="pinned direction"):
-        Generator(ask(out), model, direction=np.full(SIZE, np.nan))
+        Generator(ask(out), model, steering=np.full(SIZE, np.nan))
     assert not out.exists()
     with pytest.raises(ProposalError, match="NaN or infinite"):
         GaussianProposal(ask(out).scenario, 3, np.array([1.0, np.inf, 0.0]))

@@ -249,8 +249,9 @@ def test_extreme_weights_have_mean_one_under_the_proposal(tmp_path, model):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("proposal", ["shift", "fitted"])
 def test_weighted_extremes_agree_with_plain_monte_carlo_with_ten_times_fewer_members(
-    tmp_path, model
+    tmp_path, model, proposal
 ):
     plain = ask(tmp_path / "mc.zarr", members=20_000, batch_size=256, chunk_members=4096)
     generate(plain, model=model)
@@ -265,7 +266,7 @@ def test_weighted_extremes_agree_with_plain_monte_carlo_with_ten_times_fewer_mem
         members=2_000,
         batch_size=256,
         chunk_members=1024,
-        scenario={"kind": "extreme", "proposal": "shift"},
+        scenario={"kind": "extreme", "proposal": proposal, "tail_quantile": 0.998},
     )
     generate(steered, model=model)
     weighted = extremes.ensemble_exceedance(steered.output, thresholds)
@@ -285,6 +286,37 @@ def test_weighted_extremes_agree_with_plain_monte_carlo_with_ten_times_fewer_mem
     assert weighted.stderr[-1] < 1.5 * mc.stderr[-1]
     years = weighted.return_period(events_per_year=365 / 4)
     assert (years > 0).all() and np.isfinite(years).all()
+
+
+def test_fitted_weights_are_p_over_q_and_the_fit_is_pinned_and_recorded(tmp_path, model):
+    """The fitted proposal's weights against a direct density computation (scipy's
+    multivariate normal), its fit recorded in the store and given to another process as a
+    vector (the fan-out and the endpoint) with the same bytes; its pilot draws climb levels."""
+    from scipy import stats as sps
+
+    scenario = {"kind": "extreme", "proposal": "fitted", "pilot_draws": 300}
+    request = ask(tmp_path / "fit.zarr", members=40, scenario=scenario)
+    gen = Generator(request, model)
+    fit = gen.fitted
+    assert fit is not None and fit.pilot_draws == 300 * len(fit.levels)
+    assert all(b > a for a, b in zip(fit.levels, fit.levels[1:], strict=False))
+    z, w = gen.proposal.draw(request.seed, np.arange(200))
+    a = request.scenario.defensive
+    log_p = sps.norm.logpdf(z).sum(axis=1)
+    log_fit = sps.multivariate_normal(fit.mean, fit.covariance).logpdf(z)
+    np.testing.assert_allclose(w, 1.0 / (a + (1 - a) * np.exp(log_fit - log_p)), rtol=1e-9)
+    generate(request, model=model)
+    ens = xr.open_zarr(request.output, consolidated=False)
+    np.testing.assert_array_equal(ens.fitted_mean.values, fit.mean)
+    np.testing.assert_array_equal(ens.fitted_covariance.values, fit.covariance)
+    assert ens.attrs["fit_pilot_draws"] == fit.pilot_draws
+    pinned = Generator(request, model, steering=gen.steering)
+    x, wk = pinned.draws(np.array([5]))
+    assert x[0].tobytes() == ens.precip.values[5].tobytes() and wk[0] == ens.weight.values[5]
+    with pytest.raises(EnsembleError, match="pinned fit has 3 numbers"):
+        Generator(request, model, steering=np.ones(3))
+    with pytest.raises(ValidationError, match="shift proposal"):
+        ask(tmp_path / "x.zarr", scenario={**scenario, "direction": [1.0] * 4})
 
 
 def test_exceedance_by_hand():

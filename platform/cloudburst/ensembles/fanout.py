@@ -9,10 +9,10 @@ accepted draws (indices only travel back), then write the chunks those draws fil
 
 The bytes are those of the single-process path (:func:`~cloudburst.ensembles.generate.
 generate`): member k depends on (seed, k) alone and is decoded in fixed-size batches; the
-shift direction of an extreme scenario is computed once, by the driver, and given to every
-worker. That holds for workers on the same kind of device with the same number of intra-op
-threads (one per worker here): floating-point reductions may be ordered differently on another
-device or thread count.
+steering of an extreme scenario (its shift direction or fitted Gaussian) is computed once, by
+the driver, and given to every worker. That holds for workers on the same kind of device with
+the same number of intra-op threads (one per worker here): floating-point reductions may be
+ordered differently on another device or thread count.
 
 A worker that dies (its process, or its node) has its task redone by another worker, and a
 replacement is started; a task is tried at most :data:`MAX_TRIES` times. Re-running the request
@@ -61,7 +61,7 @@ class ChunkWorker:
         request_json: dict[str, Any],
         version_uri: str,
         tracking_uri: str | None,
-        direction: list[float] | None,
+        steering: list[float] | None,
         threads: int = 1,
     ) -> None:
         import torch
@@ -72,8 +72,8 @@ class ChunkWorker:
         model = dataclasses.replace(model, uri=request.model)
         if torch.cuda.is_available():  # Ray gave this actor a GPU
             model.packaged.model.to("cuda")
-        pinned = np.asarray(direction, dtype=np.float64) if direction is not None else None
-        self.gen = Generator(request, model, direction=pinned)
+        pinned = np.asarray(steering, dtype=np.float64) if steering is not None else None
+        self.gen = Generator(request, model, steering=pinned)
         options = storage.options_from(request.output, request.storage)
         self.store = EnsembleStore(request.output, options, layout_of(request, self.gen.window))
 
@@ -121,12 +121,12 @@ class WorkerPool:
     ) -> None:
         import ray
 
-        direction = opened.gen.direction
+        steering = opened.gen.steering
         self.args = (
             opened.request.model_dump(mode="json"),
             opened.model.version_uri,
             tracking_uri,
-            [float(v) for v in direction] if direction is not None else None,
+            [float(v) for v in steering] if steering is not None else None,
             1,
         )
         self.actor_class = ray.remote(ChunkWorker).options(

@@ -31,9 +31,11 @@ from cloudburst.ensembles.condition import (
     tuned_weight,
 )
 from cloudburst.ensembles.proposals import (
+    Fitted,
     GaussianProposal,
     ProposalError,
     decoder_direction,
+    fit_proposal,
     member_rng,
     noise_seed,
 )
@@ -96,6 +98,11 @@ def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
         )
         hint = f"; {s.kind} is served by {', '.join(others)} models" if others else ""
         raise EnsembleError(f"{uri} is a {kind} model: its scenarios are {served}{hint}")
+    if s.proposal == "fitted" and LatentModel not in entry.roles:
+        raise EnsembleError(
+            f"{uri} is a {kind} model: the fitted proposal applies to latent models (a small "
+            "latent code); use proposal shift"
+        )
     if s.steered and s.conditional and not steerable(entry.roles):
         raise EnsembleError(
             f"{uri} is a {kind} model: it cannot steer a {s.kind}'s draws (proposal "
@@ -176,11 +183,12 @@ class Generator:
         request: EnsembleRequest,
         model: ResolvedModel,
         *,
-        direction: np.ndarray | None = None,
+        steering: np.ndarray | None = None,
     ) -> None:
-        """``direction``: the shift direction another process computed for this request
-        (unit length, as recorded in the store); workers of one ensemble take the driver's
-        so that every chunk uses the same proposal."""
+        """``steering``: what another process computed for this request's proposal
+        (:attr:`steering`: the unit shift direction, or the fitted Gaussian as a vector);
+        workers of one ensemble take the driver's so that every chunk uses the same
+        proposal."""
         self.request = request
         self.model = model
         packaged = model.packaged
@@ -189,6 +197,7 @@ class Generator:
         self.window: tuple[int, int, int] = tuple(packaged.window)  # type: ignore[assignment]
         self.observed: ObservedWindow | None = None
         self.direction: np.ndarray | None = None
+        self.fitted: Fitted | None = None
         self.proposal: GaussianProposal | None = None
         self.latent = 0
         self.condition: Condition | None = None
@@ -209,7 +218,7 @@ class Generator:
                         f"(proposal {s.proposal})"
                     )
                 size = int(np.prod(packaged.window))
-                self.direction = self._direction(size, direction, self._noise_direction)
+                self.direction = self._direction(size, steering, self._noise_direction)
                 self.proposal = GaussianProposal(s, size, self.direction)
             self.threshold = self._threshold()
             return
@@ -223,9 +232,32 @@ class Generator:
             )
             return decoder_direction(net, self.latent)
 
-        self.direction = self._direction(self.latent, direction, from_decoder)
-        self.proposal = GaussianProposal(s, self.latent, self.direction)
+        self.direction = self._direction(self.latent, steering, from_decoder)
+        if s.proposal == "fitted":
+            self.fitted = self._fit(steering)
+        self.proposal = GaussianProposal(s, self.latent, self.direction, self.fitted)
         self.threshold = self._threshold()
+
+    @property
+    def steering(self) -> np.ndarray | None:
+        """What pins this request's proposal in another process (see ``__init__``)."""
+        if self.fitted is not None:
+            return self.fitted.vector()
+        return self.direction
+
+    def _fit(self, pinned: np.ndarray | None) -> Fitted:
+        """The fitted proposal's Gaussian: pinned by the driver, or fitted here."""
+        try:
+            if pinned is not None:
+                return Fitted.from_vector(pinned, self.latent)
+
+            def maxima(z: np.ndarray) -> np.ndarray:
+                x = self.decode(z)
+                return x.reshape(len(x), -1).max(axis=1)
+
+            return fit_proposal(self.request.scenario, self.latent, self.request.seed, maxima)
+        except ProposalError as exc:
+            raise EnsembleError(str(exc)) from None
 
     def _direction(
         self, size: int, pinned: np.ndarray | None, compute: Callable[[], np.ndarray]
@@ -531,6 +563,10 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
             out["direction_source"] = gen.direction_source
         else:
             out["tail_quantile"] = s.tail_quantile
+        if gen.fitted is not None:
+            out["fit_levels"] = [float(v) for v in gen.fitted.levels]
+            out["fit_level_probability"] = gen.fitted.level_probability
+            out["fit_pilot_draws"] = gen.fitted.pilot_draws
     for key in ("time_step_hours",):
         if key in stats:
             out[key] = stats[key]
@@ -559,6 +595,20 @@ def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -
             }
         )
     return out
+
+
+def steering_arrays(gen: Generator) -> dict[str, tuple[np.ndarray, list[str], str]]:
+    """The store's record of what steered the proposal: its direction, or its fit."""
+    if gen.direction is not None:
+        what = "unit direction of the shift proposal in the model's standard-normal input"
+        return {"direction": (gen.direction, ["direction_component"], what)}
+    if gen.fitted is not None:
+        dims = ["latent_component", "latent_component_2"]
+        return {
+            "fitted_mean": (gen.fitted.mean, dims[:1], "mean of the fitted proposal"),
+            "fitted_covariance": (gen.fitted.covariance, dims, "its covariance"),
+        }
+    return {}
 
 
 def coordinates(observed: ObservedWindow | None) -> dict[str, tuple[np.ndarray, dict]] | None:
@@ -615,7 +665,7 @@ def open_ensemble(
         attrs=provenance(request, model, gen),
         units=model.packaged.units,
         coords=coordinates(gen.observed),
-        direction=gen.direction,
+        vectors=steering_arrays(gen),
     )
     whole = marker is not None and marker.get("fingerprint") == store.group.attrs.get(
         "cloudburst_fingerprint"

@@ -10,7 +10,8 @@ prior, makes a member's importance weight exactly p(z) / q(z), whatever the mode
 the prior itself (every weight 1), or a defensive mixture of the prior with a shift along a
 direction (``shift``) or with the prior's radius tail (``tail``). :func:`decoder_direction` is
 the latent direction along which a VAE's decoded maxima grow fastest (a diffusion model gives
-its own, :class:`~cloudburst.models.roles.NoiseSteerable`). Draw k's z comes from
+its own, :class:`~cloudburst.models.roles.NoiseSteerable`). :func:`fit_proposal` fits the
+``fitted`` proposal's Gaussian by the cross-entropy method. Draw k's z comes from
 :func:`member_rng` (seed, k) alone; the other random inputs of a steered draw come from
 :func:`noise_seed` (seed, k), an independent stream.
 """
@@ -18,6 +19,8 @@ its own, :class:`~cloudburst.models.roles.NoiseSteerable`). Draw k's z comes fro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +29,22 @@ from scipy import stats as sps
 from cloudburst.ensembles.request import Scenario
 from cloudburst.models.roles import LatentModel
 
-__all__ = ["GaussianProposal", "ProposalError", "decoder_direction", "member_rng", "noise_seed"]
+__all__ = [
+    "MAX_FITTED",
+    "Fitted",
+    "GaussianProposal",
+    "ProposalError",
+    "decoder_direction",
+    "fit_proposal",
+    "log_density_ratio",
+    "member_rng",
+    "noise_seed",
+]
+
+MAX_FITTED = 64  # numbers of z a fitted proposal's covariance may span
+ELITE = 0.1  # share of pilot draws each level of a fit keeps
+FIT_LEVELS = 8  # levels of a fit, at most
+SHRINK = 0.1  # a fitted covariance is pulled this far towards the identity
 
 
 class ProposalError(ValueError):
@@ -66,11 +84,108 @@ def decoder_direction(model: LatentModel, latent: int, draws: int = 64) -> np.nd
     return grad / norm
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """The Gaussian N(mean, covariance) of a ``fitted`` proposal, and how it was found:
+    the window-maximum level of each cross-entropy step, the probability the last one was
+    estimated to have under the prior, and the pilot draws it cost."""
+
+    mean: np.ndarray
+    covariance: np.ndarray
+    levels: list[float] = field(default_factory=list)
+    level_probability: float = float("nan")
+    pilot_draws: int = 0
+
+    def vector(self) -> np.ndarray:
+        """mean then covariance, flat: how the fit is pinned for other processes."""
+        return np.concatenate([self.mean, self.covariance.ravel()])
+
+    @classmethod
+    def from_vector(cls, values: np.ndarray, size: int) -> Fitted:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size != size + size * size or not np.isfinite(v).all():
+            raise ProposalError(
+                f"a pinned fit has {v.size} numbers (finite?) for an input of {size}: "
+                f"{size + size * size} expected"
+            )
+        return cls(v[:size].copy(), v[size:].reshape(size, size).copy())
+
+
+def log_density_ratio(z: np.ndarray, fit: Fitted) -> np.ndarray:
+    """log N(z; mean, covariance) - log N(z; 0, I) for rows of ``z``."""
+    chol = np.linalg.cholesky(fit.covariance)
+    r = np.linalg.solve(chol, (z - fit.mean).T).T
+    log_det = 2.0 * np.log(np.diag(chol)).sum()
+    return -0.5 * (r * r).sum(axis=1) - 0.5 * log_det + 0.5 * (z * z).sum(axis=1)
+
+
+def fit_proposal(
+    scenario: Scenario,
+    size: int,
+    seed: int,
+    maxima: Callable[[np.ndarray], np.ndarray],
+) -> Fitted:
+    """The ``fitted`` proposal's Gaussian by the multi-level cross-entropy method.
+
+    ``maxima(z)``: the window maximum of the member each row of z (n, size) makes. Level by
+    level, ``scenario.pilot_draws`` pilot draws from the current mixture (the prior at
+    first) are made; the best :data:`ELITE` share sets the next level (or the level whose
+    prior probability, estimated from the weighted draws, is 1 - ``tail_quantile``, once the
+    draws reach it: then the fit stops), and the weighted mean and covariance of the draws
+    above it (weights p / q of the mixture they came from) the next Gaussian, its covariance
+    shrunk :data:`SHRINK` towards the identity. At most :data:`FIT_LEVELS` levels; a level
+    that does not rise ends the fit too. Pilot draws come from streams of
+    their own, so the fit depends on (model, request) alone."""
+    if size > MAX_FITTED:
+        raise ProposalError(
+            f"the fitted proposal spans at most {MAX_FITTED} numbers of z; this model steers "
+            f"{size} (a diffusion sampler's noise): use proposal shift"
+        )
+    target = 1.0 - scenario.tail_quantile
+    n = scenario.pilot_draws
+    fit = Fitted(np.zeros(size), np.eye(size))
+    levels: list[float] = []
+    probability = 1.0
+    for step in range(FIT_LEVELS):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed)], spawn_key=(2, step)))
+        if step == 0:
+            z, w = rng.standard_normal((n, size)), np.ones(n)
+        else:
+            trial = GaussianProposal(scenario, size, None, fitted=fit)
+            z, w = trial.sample(rng, n)
+        m = np.asarray(maxima(z), dtype=np.float64)
+        if not np.isfinite(m).all():
+            raise ProposalError("the model's pilot draws gave non-finite window maxima")
+        # the level of the aimed prior probability, from these draws and their weights
+        order = np.argsort(-m)
+        reach = np.cumsum(w[order]) / n
+        aimed = float(m[order][min(int(np.searchsorted(reach, target)), n - 1)])
+        level = min(float(np.quantile(m, 1.0 - ELITE)), aimed)
+        probability = float(np.sum(w * (m >= level)) / n)
+        elite = m >= level
+        we, ze = w[elite], z[elite]
+        mean = (we[:, None] * ze).sum(axis=0) / we.sum()
+        spread = ze - mean
+        cov = (we[:, None] * spread).T @ spread / we.sum()
+        cov = (1.0 - SHRINK) * cov + SHRINK * np.eye(size)
+        fit = Fitted(mean, cov)
+        levels.append(level)
+        if level >= aimed or (step > 0 and level <= levels[-2]):
+            break
+    return Fitted(fit.mean, fit.covariance, levels, probability, n * len(levels))
+
+
 class GaussianProposal:
     """Draws z (``size`` numbers, prior N(0, I)) for draw indices, with importance weights
     p(z) / q(z) under the scenario's proposal (see the module doc)."""
 
-    def __init__(self, scenario: Scenario, size: int, direction: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        size: int,
+        direction: np.ndarray | None,
+        fitted: Fitted | None = None,
+    ) -> None:
         if scenario.proposal == "shift":
             if direction is None or np.shape(direction) != (size,):
                 raise ProposalError(
@@ -79,6 +194,17 @@ class GaussianProposal:
                 )
             if not np.isfinite(direction).all():
                 raise ProposalError("the shift direction holds NaN or infinite values")
+        self.fitted = fitted
+        self.chol: np.ndarray | None = None
+        if fitted is not None:
+            if fitted.mean.shape != (size,) or fitted.covariance.shape != (size, size):
+                raise ProposalError(f"a fitted Gaussian must be of {size} numbers")
+            try:
+                self.chol = np.linalg.cholesky(fitted.covariance)
+            except np.linalg.LinAlgError:
+                raise ProposalError("a fitted covariance is not positive definite") from None
+        elif scenario.proposal == "fitted":
+            raise ProposalError("the fitted proposal needs its fit (fit_proposal)")
         self.s = scenario
         self.d = int(size)
         self.direction = direction
@@ -98,12 +224,24 @@ class GaussianProposal:
 
     def one(self, seed: int, k: int) -> tuple[np.ndarray, float]:
         """Draw k's z and weight."""
+        return self.from_stream(member_rng(seed, k))
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` draws from one stream (pilot draws of a fit)."""
+        rows = [self.from_stream(rng) for _ in range(n)]
+        return np.stack([z for z, _ in rows]), np.array([w for _, w in rows])
+
+    def from_stream(self, rng: np.random.Generator) -> tuple[np.ndarray, float]:
         s, a = self.s, self.s.defensive
-        rng = member_rng(seed, k)
         u = rng.standard_normal(self.d)
         if not s.steered:
             return u, 1.0
         from_prior = rng.random() < a
+        if s.proposal == "fitted":
+            assert self.fitted is not None and self.chol is not None
+            z = u if from_prior else self.fitted.mean + self.chol @ u
+            log_ratio = float(log_density_ratio(z[None], self.fitted)[0])
+            return z, 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))
         if s.proposal == "tail":
             if from_prior:
                 z = u

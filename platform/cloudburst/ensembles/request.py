@@ -78,6 +78,13 @@ class Scenario(BaseModel):
       ||z|| beyond the ``tail_quantile`` of the chi distribution. Efficient only where heavy
       rain comes with large inputs whatever their direction; elsewhere the rare events it
       misses are carried by the few defensive draws and its variance is high;
+    - ``proposal: fitted`` (models whose steered input is small: a VAE's latent code): a
+      defensive mixture of the prior and a Gaussian N(m, C) fitted to the model by the
+      cross-entropy method: ``pilot_draws`` prior draws per level, the best tenth of them
+      (by window maximum) set the next level and the next Gaussian, until the level reached
+      has a prior probability of at most 1 - ``tail_quantile``. It finds where the tail
+      lies, whether far out or near the centre of the latent space, at the cost of the pilot
+      draws (recorded);
     - ``proposal: prior``: no steering (the default of every other kind).
 
     Diffusion models, conditioned on observed frames (``condition``, a window of an ingested
@@ -103,10 +110,15 @@ class Scenario(BaseModel):
     kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = (
         "unconditional"
     )
-    proposal: Literal["prior", "shift", "tail"] | None = Field(
+    proposal: Literal["prior", "shift", "tail", "fitted"] | None = Field(
         None, description="shift for extreme, prior otherwise (see the class doc)"
     )
-    tail_quantile: float = Field(0.99, gt=0.0, lt=1.0)
+    tail_quantile: float = Field(
+        0.99, gt=0.0, lt=1.0, description="tail: the radius quantile; fitted: the aimed level"
+    )
+    pilot_draws: int = Field(
+        1000, ge=100, le=100_000, description="fitted: pilot draws per cross-entropy level"
+    )
     shift: float = Field(3.0, gt=0.0, le=20.0)
     direction: list[float] | None = Field(
         None,
@@ -183,7 +195,7 @@ class Scenario(BaseModel):
     @property
     def steered(self) -> bool:
         """Whether draws come from a proposal other than the prior (weights not all 1)."""
-        return self.proposal in ("shift", "tail")
+        return self.proposal in ("shift", "tail", "fitted")
 
     @property
     def rejects(self) -> bool:

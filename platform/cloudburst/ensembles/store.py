@@ -9,7 +9,8 @@ Layout (xarray opens it with ``xr.open_zarr(url, consolidated=False)``):
   unless a threshold rejects draws);
 - ``direction`` float64 (direction_component,), shift proposals only: the unit direction the
   proposal shifted the model's standard-normal input along (a latent code, or a diffusion
-  sampler's initial noise flattened from (1, time, y, x));
+  sampler's initial noise flattened from (1, time, y, x)); ``fitted_mean`` and
+  ``fitted_covariance``, fitted proposals only: the Gaussian the proposal mixes in;
 - coordinates ``member``, ``time`` (hours since the window's first step), ``y``, ``x``
   (window indices); a conditioned ensemble carries its condition's real times (CF ``hours
   since``) and the source store's y / x instead;
@@ -93,7 +94,7 @@ class EnsembleStore:
         attrs: dict[str, Any],
         units: str,
         coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
-        direction: np.ndarray | None = None,
+        vectors: dict[str, tuple[np.ndarray, list[str], str]] | None = None,
     ) -> EnsembleStore:
         """The store for ``identity``: created if absent, reopened to resume if it holds the
         same ensemble; refused if it holds anything else."""
@@ -101,7 +102,7 @@ class EnsembleStore:
         key = fingerprint(identity)
         found = cls._existing_fingerprint(url, options)
         if found is None:
-            cls._create(url, options, layout, key, identity, attrs, units, coords, direction)
+            cls._create(url, options, layout, key, identity, attrs, units, coords, vectors)
         elif found != key:
             raise EnsembleStoreError(
                 f"{url} already holds a different ensemble (fingerprint {found}, this request "
@@ -147,7 +148,7 @@ class EnsembleStore:
         attrs: dict[str, Any],
         units: str,
         coords: dict[str, tuple[np.ndarray, dict[str, Any]]] | None = None,
-        direction: np.ndarray | None = None,
+        vectors: dict[str, tuple[np.ndarray, list[str], str]] | None = None,
     ) -> None:
         t, y, x = layout.window
         n, c = layout.members, layout.chunk_members
@@ -213,20 +214,17 @@ class EnsembleStore:
             dimension_names=["member"],
             attributes={"long_name": "index of the draw that made the member"},
         )
-        if direction is not None:
-            d = np.asarray(direction, dtype=np.float64).ravel()
+        for name, (values, dims, what) in (vectors or {}).items():
+            v = np.asarray(values, dtype=np.float64)
             arr = group.create_array(
-                "direction",
-                shape=d.shape,
+                name,
+                shape=v.shape,
                 dtype="float64",
-                chunks=(min(d.size, 1_000_000),),
-                dimension_names=["direction_component"],
-                attributes={
-                    "long_name": "unit direction of the shift proposal in the model's "
-                    "standard-normal input"
-                },
+                chunks=v.shape,
+                dimension_names=dims,
+                attributes={"long_name": what},
             )
-            arr[:] = d
+            arr[...] = v
         # the fingerprint last: a store is only ever resumed once its layout is whole
         group.attrs.update(
             {

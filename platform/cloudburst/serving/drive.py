@@ -66,7 +66,7 @@ class JobDriver:
         members, window, chunk_members = plan["layout"]
         layout = Layout(int(members), tuple(window), int(chunk_members))
         done = {int(c): r for c, r in plan["done"].items()}
-        direction = plan["direction"]
+        steering = plan["steering"]
         progress = {"members": int(plan["members_done"])}
         await asyncio.to_thread(self.jobs.update, job_id, status="running")
         if plan["threshold"] is None:
@@ -87,7 +87,7 @@ class JobDriver:
             await self.spread(
                 job_id,
                 screen.blocks(),
-                lambda block: self.handle.screen.remote(job_id, request, direction, block),
+                lambda block: self.handle.screen.remote(job_id, request, steering, block),
                 screened,
             )
             try:
@@ -102,7 +102,7 @@ class JobDriver:
         await self.spread(
             job_id,
             tasks,
-            lambda task: self.handle.write.remote(job_id, request, direction, task),
+            lambda task: self.handle.write.remote(job_id, request, steering, task),
             wrote,
         )
         final = answered(await self.handle.finish.remote(job_id, request))

@@ -10,8 +10,8 @@ every replica and concurrent requests interleave at chunk granularity:
 - ``finish``: the completion marker.
 
 Every call reloads nothing but what its replica lacks: models are multiplexed by pinned
-version URI (least recently used evicted) and a job's bound generator (its proposal, shift
-direction, condition) is kept for its next chunks. A call answers a dict; a request the
+version URI (least recently used evicted) and a job's bound generator (its proposal and its
+steering, condition) is kept for its next chunks. A call answers a dict; a request the
 engine refuses, or storage that fails, answers ``{"error": message}`` in the words the API
 may show (never the server's paths or endpoints), and the replica keeps serving.
 """
@@ -99,7 +99,7 @@ class EnsembleGenerator:
             log.exception("an ensemble work unit failed")
             return {"error": s.redact(f"{type(exc).__name__}: {exc}")}
 
-    def generator(self, job_id: str, request: Any, model: Any, direction: Any) -> Any:
+    def generator(self, job_id: str, request: Any, model: Any, steering: Any) -> Any:
         """The job's generator bound to its request (cached for the job's next calls)."""
         import numpy as np
 
@@ -107,8 +107,8 @@ class EnsembleGenerator:
 
         gen = self.bound.get(job_id)
         if gen is None or gen.model.version_uri != model.version_uri:
-            pinned = None if direction is None else np.asarray(direction, dtype=np.float64)
-            gen = Generator(request, model, direction=pinned)
+            pinned = None if steering is None else np.asarray(steering, dtype=np.float64)
+            gen = Generator(request, model, steering=pinned)
             self.bound[job_id] = gen
             while len(self.bound) > JOBS_PER_REPLICA:
                 self.bound.popitem(last=False)
@@ -119,7 +119,7 @@ class EnsembleGenerator:
 
     async def plan(self, job_id: str, request_json: dict[str, Any]) -> dict[str, Any]:
         """Open the job's store: ``complete`` (a summary) when an earlier run finished it,
-        else its layout, the chunks written, the threshold and the shift direction."""
+        else its layout, the chunks written, the threshold and the proposal's steering."""
         request = self.request(request_json)
         model = await self.model_for(request)
         return await asyncio.to_thread(self.guarded, request, lambda: self.opened(request, model))
@@ -138,14 +138,14 @@ class EnsembleGenerator:
             "done": done,
             "members_done": members_done,
             "threshold": gen.threshold,
-            "direction": None if gen.direction is None else [float(v) for v in gen.direction],
+            "steering": None if gen.steering is None else [float(v) for v in gen.steering],
         }
 
     async def screen(
         self,
         job_id: str,
         request_json: dict[str, Any],
-        direction: list[float] | None,
+        steering: list[float] | None,
         block: tuple[int, int],
     ) -> dict[str, Any]:
         """The accepted draws of draw block ``block`` (start, stop)."""
@@ -153,7 +153,7 @@ class EnsembleGenerator:
         model = await self.model_for(request)
 
         def work() -> dict[str, Any]:
-            gen = self.generator(job_id, request, model, direction)
+            gen = self.generator(job_id, request, model, steering)
             return {"start": int(block[0]), "accepted": gen.accepted(*block)}
 
         return await asyncio.to_thread(self.guarded, request, work)
@@ -162,7 +162,7 @@ class EnsembleGenerator:
         self,
         job_id: str,
         request_json: dict[str, Any],
-        direction: list[float] | None,
+        steering: list[float] | None,
         task: Any,
     ) -> dict[str, Any]:
         """Write chunk ``task`` (a :class:`~cloudburst.ensembles.plan.ChunkTask`) whole, unless
@@ -177,7 +177,7 @@ class EnsembleGenerator:
             from cloudburst.ensembles.generate import layout_of
             from cloudburst.ensembles.store import EnsembleStore
 
-            gen = self.generator(job_id, request, model, direction)
+            gen = self.generator(job_id, request, model, steering)
             options = storage.options_from(request.output, request.storage)
             store = EnsembleStore(request.output, options, layout_of(request, gen.window))
             x, w, record = gen.members(task.candidates, task.draws)

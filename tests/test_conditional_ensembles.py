@@ -231,11 +231,12 @@ def test_the_job_takes_the_conditional_scenarios_as_flags(store):
         ["--model", "models:/d/1", "--members", "3", "--output", "o.zarr",
          "--scenario", "extension", "--length", "20", "--context", "2", "--guidance", "5",
          "--condition-data", store, "--condition-time", START, "--condition-y", "1",
-         "--steps", "10", "--sampler", "ddim"]
+         "--steps", "10", "--sampler", "ddim", "--proposal", "shift"]
     )  # fmt: skip
     request = EnsembleRequest.model_validate(tree)
     s = request.scenario
     assert (s.kind, s.length, s.context, s.guidance) == ("extension", 20, 2, 5.0)
+    assert s.proposal == "shift" and s.steered
     assert s.condition.data == store and s.condition.y == 1 and s.condition.x == 0
     assert (request.steps, request.sampler) == (10, "ddim")
 

@@ -1,9 +1,9 @@
 """Extreme scenarios: variance reduction of the importance-weighted exceedance estimator.
 
     .venv/bin/python benchmarks/extremes.py [--families vae diffusion]
-        [--samplers ddim ancestral] [--members 200000 8000] [--is-members 20000 4000]
+        [--samplers ddim ancestral] [--members 200000 16000] [--is-members 20000 4000]
         [--shift 3 [2 4 5 ...]] [--defensive 0.1] [--direction-draws 64]
-        [--proposals shift fitted] [--pilot-draws 1000]
+        [--proposals shift fitted] [--pilot-draws 1000 4000]
         [--window 4 8 8] [--train-steps 300 300] [--lr 2e-4 2e-3] [--steps 8]
         [--threads 1] [--data ../shared/data/fraser_daily_1986_2017.nc]
 
@@ -14,9 +14,11 @@ draws of the same model (``unconditional``, weights 1), per member generated and
 for a VAE (z: its latent code, d: ``decoder_direction``) and a diffusion model (z: the
 sampler's initial noise z_1, d: ``DiffusionModel.extreme_direction``, a gradient through a few
 DDIM steps), with the DDIM and the ancestral sampler (whose step noise keeps its prior, so
-steering z_1 alone is expected to do less there); and, for the VAE, ``proposal: fitted`` (a
+steering z_1 alone is expected to do less there); and ``proposal: fitted``: for the VAE a
 Gaussian N(m, C) over the latent fitted by the cross-entropy method to the model's own tail,
-aimed at the 0.999 level; its pilot draws counted in its cost).
+aimed at the 0.999 level; for diffusion a union of local events (a noise pattern placed
+where maxima occur, learnt from the best 1% of prior pilot draws); pilot draws counted in the
+cost.
 
 Method:
 
@@ -36,8 +38,8 @@ Method:
    diffusion, extreme runs steered along ``extreme_direction(draws=N)`` given as
    ``scenario.direction`` (the engine averages 4 draws), its computation counted in the cost.
 3. Levels L_0.99 and L_0.999: the 0.99 and 0.999 quantiles of the window maximum under the model
-   itself, read off the weighted empirical CDF of the first extreme run (tail weight sums / N),
-   with the plain run's empirical quantiles printed beside as a cross-check.
+   itself, the plain run's empirical quantiles (so about N/1000 plain members exceed L_0.999),
+   with the weighted quantile of the first extreme run printed beside as a cross-check.
 4. At each level: p_plain and its stderr from the plain run; p_IS, its stderr and the Kish
    effective member count from ``cloudburst.ensembles.extremes.exceedance_probability``; their
    agreement z = |p_IS - p_plain| / sqrt(se_IS^2 + se_plain^2); per-member variances: plain
@@ -55,7 +57,7 @@ benchmark reports and exits 0). A VRF of 10x or more counts only where p_IS agre
 p_plain (agreement <= 2): an extreme run that misses its rare high-weight events
 underestimates both p and se_IS, and so shows a large VRF that is not real.
 
-Cost on 2 CPU cores (1 torch thread): about 3 minutes with the defaults; each further shift,
+Cost on 2 CPU cores (1 torch thread): about 8 minutes with the defaults; each further shift,
 or ``--direction-draws``, adds about 15 s per diffusion sampler (``--shift 3 2 4 5
 --direction-draws 64``: about 5 minutes).
 """
@@ -80,6 +82,7 @@ from cloudburst.ensembles.extremes import exceedance_probability
 from cloudburst.ensembles.generate import DIRECTION_STEPS, Generator, ResolvedModel
 from cloudburst.ensembles.proposals import log_density_ratio, member_rng
 from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.ensembles.union import UnionFit
 from cloudburst.models import registry
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.models.roles import NoiseSteerable
@@ -323,7 +326,11 @@ def compare(
     if z_plain is not None and direction is not None:
         w_plain = proposal_weights(z_plain, direction, shift, defensive)
     elif z_plain is not None and fitted is not None:
-        ratio = np.exp(np.minimum(log_density_ratio(z_plain, fitted), 700.0))
+        if isinstance(fitted, UnionFit):
+            logs = np.array([fitted.log_mixture(row) for row in z_plain])
+        else:
+            logs = log_density_ratio(z_plain, fitted)
+        ratio = np.exp(np.minimum(logs, 700.0))
         w_plain = 1.0 / (defensive + (1.0 - defensive) * ratio)
     for q, threshold in levels.items():
         a = exceedance_probability(plain.maxima, threshold)
@@ -388,7 +395,7 @@ def main() -> int:
         "--members",
         type=int,
         nargs=2,
-        default=[200_000, 8_000],
+        default=[200_000, 16_000],
         metavar=("VAE", "DIFFUSION"),
         help="plain Monte Carlo members (enough for about 200 events at 0.999 for the VAE)",
     )
@@ -411,7 +418,14 @@ def main() -> int:
         choices=["shift", "fitted"],
         help="fitted: the cross-entropy Gaussian (latent models only)",
     )
-    p.add_argument("--pilot-draws", type=int, default=1000, help="fitted: pilot draws per level")
+    p.add_argument(
+        "--pilot-draws",
+        type=int,
+        nargs=2,
+        default=[1000, 4000],
+        metavar=("VAE", "DIFFUSION"),
+        help="fitted: pilot draws (per level for the VAE)",
+    )
     p.add_argument(
         "--direction-draws",
         type=int,
@@ -465,8 +479,8 @@ def main() -> int:
                     for name, direction in directions
                     for shift in args.shift
                 ]
-            if "fitted" in args.proposals and family == "vae":
-                fit = {"proposal": "fitted", "pilot_draws": args.pilot_draws}
+            if "fitted" in args.proposals:
+                fit = {"proposal": "fitted", "pilot_draws": args.pilot_draws[k]}
                 runs.append(("fitted", float("nan"), {**fit, "tail_quantile": 0.999}, None))
             for name, shift, proposal, direction in runs:
                 scenario = {"kind": "extreme", "defensive": args.defensive, **proposal}
@@ -481,11 +495,11 @@ def main() -> int:
                     )
                 if not levels:
                     for q in LEVELS:
-                        levels[q] = weighted_level(steered.maxima, steered.weights, q)
-                        check = float(np.quantile(plain.maxima, q, method="inverted_cdf"))
+                        levels[q] = float(np.quantile(plain.maxima, q, method="inverted_cdf"))
+                        check = weighted_level(steered.maxima, steered.weights, q)
                         print(
-                            f"  L_{q:g} = {levels[q]:.2f} mm/day (weighted, extreme run); "
-                            f"plain run's empirical quantile {check:.2f}"
+                            f"  L_{q:g} = {levels[q]:.2f} mm/day (the plain run's quantile); "
+                            f"weighted quantile of this extreme run {check:.2f}"
                         )
                 label = (family, sampler, name)
                 rows.extend(compare(label, shift, args.defensive, plain, z_plain, steered, levels))

@@ -29,6 +29,7 @@ from cloudburst.ensembles.generate import (
 )
 from cloudburst.ensembles.proposals import GaussianProposal, ProposalError, noise_seed
 from cloudburst.ensembles.request import EnsembleRequest
+from cloudburst.ensembles.union import RADIUS, UnionFit, fit_union
 from cloudburst.markers import read_marker
 from cloudburst.models.samplers import sample
 
@@ -138,7 +139,7 @@ def test_weights_are_p_over_q_of_the_noise_each_member_is_sampled_from(model, tm
 MILD = {"shift": 1.5, "defensive": 0.5}  # weights at most 2: standard errors that hold
 
 
-@pytest.mark.parametrize("case", ["ddim", "ancestral", "forecast"])
+@pytest.mark.parametrize("case", ["ddim", "ancestral", "forecast", "fitted"])
 def test_importance_estimates_agree_with_plain_monte_carlo(model, store, tmp_path, case):  # noqa: F811
     """P(window max > L) at two moderate levels (the plain run's 0.8 and 0.95 quantiles)
     from steered draws and their weights agrees with plain draws within their standard
@@ -146,10 +147,14 @@ def test_importance_estimates_agree_with_plain_monte_carlo(model, store, tmp_pat
     the known ones are the same in every member); the weights average 1 (E_q[p/q] = 1).
     A mild proposal keeps the weights bounded, so that the standard errors themselves are
     reliable at these sample sizes."""
-    sampler = "ddim" if case == "forecast" else case
+    sampler = "ddim" if case in ("forecast", "fitted") else case
     if case == "forecast":
         plain_scenario = forecast(store, guidance=0.0)
         steered_scenario = forecast(store, guidance=0.0, proposal="shift", **MILD)
+    elif case == "fitted":
+        plain_scenario = {"kind": "unconditional"}
+        steered_scenario = {"kind": "extreme", "proposal": "fitted", "pilot_draws": 300}
+        steered_scenario["defensive"] = MILD["defensive"]
     else:
         plain_scenario, steered_scenario = {"kind": "unconditional"}, {"kind": "extreme", **MILD}
     frames = slice(2, None) if case == "forecast" else slice(None)
@@ -203,10 +208,61 @@ def test_a_rejected_draw_count_enters_the_estimate(model, tmp_path):
     assert (by_hand * draws / 30 > by_hand * 1.5).all()  # members alone would overstate it
 
 
+def test_union_weights_are_p_over_q_of_the_mixture_of_placed_patterns(model, tmp_path):
+    """The fitted proposal of a diffusion model: a mixture over places of its noise pattern
+    centred there. Its weights against a direct density computation (scipy, each component
+    built by padding the pattern, independently of the proposal's own placement)."""
+    request = ask(tmp_path / "u.zarr", scenario={"kind": "extreme", "proposal": "fitted"})
+    gen = Generator(request, model)
+    union = gen.fitted
+    assert isinstance(union, UnionFit) and union.pilot_draws > 0
+    assert union.probabilities.shape == WINDOW and union.pattern.shape == (3, 5, 5)
+    z, w = gen.proposal.draw(request.seed, np.arange(12))
+    r = np.array(RADIUS)
+    padded = np.zeros(tuple(np.array(WINDOW) + 2 * r))
+    components = []
+    for place in np.ndindex(*WINDOW):
+        big = padded.copy()
+        big[tuple(slice(c, c + 2 * h + 1) for c, h in zip(place, r, strict=True))] = union.pattern
+        components.append(big[tuple(slice(h, h + n) for h, n in zip(r, WINDOW, strict=True))])
+    centres = np.stack(components).reshape(SIZE, SIZE)
+    a = request.scenario.defensive
+    log_p = sps.norm.logpdf(z).sum(axis=1)
+    log_each = np.stack([sps.norm.logpdf(z - c).sum(axis=1) for c in centres], axis=1)
+    log_mix = np.log(np.exp(log_each - log_p[:, None]) @ union.probabilities.ravel())
+    np.testing.assert_allclose(w, 1.0 / (a + (1 - a) * np.exp(log_mix)), rtol=1e-8)
+
+
+def test_a_union_is_fitted_to_the_noise_around_the_maxima():
+    """Elite draws with a blob of noise at known places: the fitted pattern is the blob
+    (their weighted mean, aligned on the places) and the places get the elites' weight."""
+    rng = np.random.default_rng(0)
+    window = (2, 6, 6)
+    z = rng.normal(size=(40, 72)) * 0.01
+    places = np.where(np.arange(40) < 30, np.ravel_multi_index((1, 2, 3), window), 0)
+    for row, place in zip(z, places, strict=True):
+        t, y, x = np.unravel_index(place, window)
+        row.reshape(window)[t, y, x] += 3.0
+    weights = np.where(np.arange(40) < 30, 1.0, 3.0)  # the 10 at place 0 weigh as much
+    fit = fit_union(z, weights, places, window)
+    centre = tuple(RADIUS)
+    assert fit.pattern[centre] == pytest.approx(3.0, abs=0.05)
+    assert (
+        np.abs(
+            np.delete(fit.pattern.ravel(), np.ravel_multi_index(centre, fit.pattern.shape))
+        ).max()
+        < 0.05
+    )
+    expected = 0.9 * 0.5 + 0.1 / 72
+    assert fit.probabilities.ravel()[places[0]] == pytest.approx(expected)
+    assert fit.probabilities.ravel()[0] == pytest.approx(expected)
+    assert fit.probabilities.sum() == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------- stores and regeneration
 
 
-@pytest.mark.parametrize("kind", ["extreme", "forecast", "extension"])
+@pytest.mark.parametrize("kind", ["extreme", "forecast", "extension", "fitted"])
 def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
     model,
     store,  # noqa: F811
@@ -215,6 +271,8 @@ def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
 ):
     if kind == "extreme":
         scenario = {"kind": "extreme", "shift": 2.0}
+    elif kind == "fitted":
+        scenario = {"kind": "extreme", "proposal": "fitted", "pilot_draws": 200}
     elif kind == "forecast":
         scenario = forecast(store, proposal="shift", shift=2.0)
     else:
@@ -236,6 +294,12 @@ def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
         pinned = Generator(request, model, steering=d)
         x, _ = pinned.draws(np.array([3]))
         assert x[0].tobytes() == ens.precip.values[3].tobytes()
+    elif kind == "fitted":
+        assert ens.union_pattern.shape == (3, 5, 5) and ens.union_place_probability.shape == WINDOW
+        pinned = Generator(request, model, steering=Generator(request, model).steering)
+        x, _ = pinned.draws(np.array([4]))
+        assert x[0].tobytes() == ens.precip.values[4].tobytes()
+        assert ens.attrs["fit_pilot_draws"] == 200 * len(ens.attrs["fit_levels"])
     else:
         assert "direction" not in ens.variables and ens.attrs["tail_quantile"] == 0.99
 
@@ -273,8 +337,8 @@ def test_bad_directions_and_noise_are_refused_before_anything_is_written(model, 
     short = ask(out, scenario={"kind": "extreme", "direction": [1.0] * 10})
     with pytest.raises(EnsembleError, match=f"must be {SIZE} numbers"):
         generate(short, model=model)
-    fitted = ask(out, scenario={"kind": "extreme", "proposal": "fitted"})
-    with pytest.raises(EnsembleError, match="fitted proposal applies to latent models"):
+    fitted = ask(out, scenario={**forecast(str(out)), "proposal": "fitted"})
+    with pytest.raises(EnsembleError, match="serves unconditional extremes"):
         generate(fitted, model=model)
     with pytest.raises(EnsembleError, match="pinned direction has 3 numbers"):
         Generator(ask(out), model, steering=np.ones(3))

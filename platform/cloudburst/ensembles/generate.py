@@ -31,6 +31,7 @@ from cloudburst.ensembles.condition import (
     tuned_weight,
 )
 from cloudburst.ensembles.proposals import (
+    Fit,
     Fitted,
     GaussianProposal,
     ProposalError,
@@ -41,6 +42,7 @@ from cloudburst.ensembles.proposals import (
 )
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
+from cloudburst.ensembles.union import UnionFit
 from cloudburst.models import registry
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.models.roles import (
@@ -53,6 +55,7 @@ from cloudburst.models.roles import (
 
 DIRECTION_DRAWS = 4  # noise draws a diffusion model's extreme direction is averaged over
 DIRECTION_STEPS = 10  # sampler steps it is differentiated through, at most
+PILOT_DRAWS = 2**61  # the first draw index of a fit's pilot draws (beyond any member's)
 
 
 class EnsembleError(ValueError):
@@ -99,10 +102,13 @@ def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
         hint = f"; {s.kind} is served by {', '.join(others)} models" if others else ""
         raise EnsembleError(f"{uri} is a {kind} model: its scenarios are {served}{hint}")
     if s.proposal == "fitted" and LatentModel not in entry.roles:
-        raise EnsembleError(
-            f"{uri} is a {kind} model: the fitted proposal applies to latent models (a small "
-            "latent code); use proposal shift"
-        )
+        if not steerable(entry.roles):
+            raise EnsembleError(f"{uri} is a {kind} model: its draws cannot be steered")
+        if s.conditional:
+            raise EnsembleError(
+                f"the fitted proposal of a {kind} model serves unconditional extremes; "
+                f"steer a {s.kind} with proposal shift or tail"
+            )
     if s.steered and s.conditional and not steerable(entry.roles):
         raise EnsembleError(
             f"{uri} is a {kind} model: it cannot steer a {s.kind}'s draws (proposal "
@@ -197,7 +203,7 @@ class Generator:
         self.window: tuple[int, int, int] = tuple(packaged.window)  # type: ignore[assignment]
         self.observed: ObservedWindow | None = None
         self.direction: np.ndarray | None = None
-        self.fitted: Fitted | None = None
+        self.fitted: Fit | None = None
         self.proposal: GaussianProposal | None = None
         self.latent = 0
         self.condition: Condition | None = None
@@ -219,7 +225,9 @@ class Generator:
                     )
                 size = int(np.prod(packaged.window))
                 self.direction = self._direction(size, steering, self._noise_direction)
-                self.proposal = GaussianProposal(s, size, self.direction)
+                if s.proposal == "fitted":
+                    self.fitted = self._fit(steering, size)
+                self.proposal = GaussianProposal(s, size, self.direction, self.fitted)
             self.threshold = self._threshold()
             return
         net = packaged.network(LatentModel)
@@ -234,7 +242,7 @@ class Generator:
 
         self.direction = self._direction(self.latent, steering, from_decoder)
         if s.proposal == "fitted":
-            self.fitted = self._fit(steering)
+            self.fitted = self._fit(steering, self.latent)
         self.proposal = GaussianProposal(s, self.latent, self.direction, self.fitted)
         self.threshold = self._threshold()
 
@@ -245,18 +253,30 @@ class Generator:
             return self.fitted.vector()
         return self.direction
 
-    def _fit(self, pinned: np.ndarray | None) -> Fitted:
-        """The fitted proposal's Gaussian: pinned by the driver, or fitted here."""
+    def _fit(self, pinned: np.ndarray | None, size: int) -> Fit:
+        """The fitted proposal: pinned by the driver, or fitted here from pilot draws (a
+        Gaussian over a latent code; a union of local events over a sampler's noise)."""
+        window: tuple[int, int, int] | None = None
+        if self.streams:
+            t, y, x = self.model.packaged.window
+            window = (int(t), int(y), int(x))
         try:
             if pinned is not None:
-                return Fitted.from_vector(pinned, self.latent)
+                if window is None:
+                    return Fitted.from_vector(pinned, size)
+                return UnionFit.from_vector(pinned, window)
 
-            def maxima(z: np.ndarray) -> np.ndarray:
-                x = self.decode(z)
-                return x.reshape(len(x), -1).max(axis=1)
+            def evaluate(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                if window is None:
+                    x = self.decode(z)
+                else:  # pilot draws have noise streams of their own, past every member's
+                    x = self.sample_streams(PILOT_DRAWS + np.arange(len(z)), z)
+                flat = x.reshape(len(x), -1)
+                return flat.max(axis=1), flat.argmax(axis=1)
 
-            return fit_proposal(self.request.scenario, self.latent, self.request.seed, maxima)
-        except ProposalError as exc:
+            s = self.request.scenario
+            return fit_proposal(s, size, self.request.seed, evaluate, window)
+        except (ProposalError, ValueError) as exc:
             raise EnsembleError(str(exc)) from None
 
     def _direction(
@@ -602,6 +622,17 @@ def steering_arrays(gen: Generator) -> dict[str, tuple[np.ndarray, list[str], st
     if gen.direction is not None:
         what = "unit direction of the shift proposal in the model's standard-normal input"
         return {"direction": (gen.direction, ["direction_component"], what)}
+    if isinstance(gen.fitted, UnionFit):
+        places = ["noise_time", "noise_y", "noise_x"]
+        pattern = ["pattern_time", "pattern_y", "pattern_x"]
+        return {
+            "union_pattern": (gen.fitted.pattern, pattern, "noise pattern of the union proposal"),
+            "union_place_probability": (
+                gen.fitted.probabilities,
+                places,
+                "probability of each place of the union proposal",
+            ),
+        }
     if gen.fitted is not None:
         dims = ["latent_component", "latent_component_2"]
         return {

@@ -18,6 +18,7 @@ its own, :class:`~cloudburst.models.roles.NoiseSteerable`). :func:`fit_proposal`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ import torch
 from scipy import stats as sps
 
 from cloudburst.ensembles.request import Scenario
+from cloudburst.ensembles.union import UnionFit, fit_union
 from cloudburst.models.roles import LatentModel
 
 __all__ = [
     "MAX_FITTED",
+    "Fit",
     "Fitted",
     "GaussianProposal",
     "ProposalError",
@@ -45,6 +48,8 @@ MAX_FITTED = 64  # numbers of z a fitted proposal's covariance may span
 ELITE = 0.1  # share of pilot draws each level of a fit keeps
 FIT_LEVELS = 8  # levels of a fit, at most
 SHRINK = 0.1  # a fitted covariance is pulled this far towards the identity
+UNION_SHARE = 0.01  # of the prior pilot draws a union is fitted to (their best)
+UNION_ELITES = 20  # ... at least this many
 
 
 class ProposalError(ValueError):
@@ -119,43 +124,59 @@ def log_density_ratio(z: np.ndarray, fit: Fitted) -> np.ndarray:
     return -0.5 * (r * r).sum(axis=1) - 0.5 * log_det + 0.5 * (z * z).sum(axis=1)
 
 
+Fit = Fitted | UnionFit
+
+
 def fit_proposal(
     scenario: Scenario,
     size: int,
     seed: int,
-    maxima: Callable[[np.ndarray], np.ndarray],
-) -> Fitted:
-    """The ``fitted`` proposal's Gaussian by the multi-level cross-entropy method.
+    evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    window: tuple[int, int, int] | None = None,
+) -> Fit:
+    """The ``fitted`` proposal by the multi-level cross-entropy method.
 
-    ``maxima(z)``: the window maximum of the member each row of z (n, size) makes. Level by
-    level, ``scenario.pilot_draws`` pilot draws from the current mixture (the prior at
-    first) are made; the best :data:`ELITE` share sets the next level (or the level whose
-    prior probability, estimated from the weighted draws, is 1 - ``tail_quantile``, once the
-    draws reach it: then the fit stops), and the weighted mean and covariance of the draws
-    above it (weights p / q of the mixture they came from) the next Gaussian, its covariance
-    shrunk :data:`SHRINK` towards the identity. At most :data:`FIT_LEVELS` levels; a level
-    that does not rise ends the fit too. Pilot draws come from streams of
-    their own, so the fit depends on (model, request) alone."""
-    if size > MAX_FITTED:
+    ``evaluate(z)``: for rows of z (n, size), the window maximum of the member each makes
+    and the flat index of the pixel where it is. Level by level, ``scenario.pilot_draws``
+    pilot draws from the current mixture (the prior at first) are made; the best
+    :data:`ELITE` share sets the next level (or the level whose prior probability, estimated
+    from the weighted draws, is 1 - ``tail_quantile``, once the draws reach it: then the fit
+    stops), and the draws above it, weighted by p / q of the mixture they came from, the next
+    fit: a Gaussian (their weighted mean and covariance, shrunk :data:`SHRINK` towards the
+    identity) for a latent code of at most :data:`MAX_FITTED` numbers. At most
+    :data:`FIT_LEVELS` levels; a level that does not rise ends the fit too.
+
+    Given the sampler's ``window``, the fit is a union of local events
+    (:mod:`cloudburst.ensembles.union`) from one level of prior pilot draws: the best
+    :data:`UNION_SHARE` of them (at least :data:`UNION_ELITES`). Iterating a mixture over
+    places feeds on itself (the places it favours are where its next elites lie), and
+    prior draws above a high level were measured to give the better pattern. Pilot draws come
+    from streams of their own, so the fit depends on (model, request) alone."""
+    if window is None and size > MAX_FITTED:
         raise ProposalError(
-            f"the fitted proposal spans at most {MAX_FITTED} numbers of z; this model steers "
-            f"{size} (a diffusion sampler's noise): use proposal shift"
+            f"a fitted Gaussian spans at most {MAX_FITTED} numbers of z; this model steers "
+            f"{size}: use proposal shift"
         )
     target = 1.0 - scenario.tail_quantile
     n = scenario.pilot_draws
-    fit = Fitted(np.zeros(size), np.eye(size))
+    fit: Fit | None = None
     levels: list[float] = []
     probability = 1.0
     for step in range(FIT_LEVELS):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed)], spawn_key=(2, step)))
-        if step == 0:
+        if fit is None:
             z, w = rng.standard_normal((n, size)), np.ones(n)
         else:
-            trial = GaussianProposal(scenario, size, None, fitted=fit)
-            z, w = trial.sample(rng, n)
-        m = np.asarray(maxima(z), dtype=np.float64)
+            z, w = GaussianProposal(scenario, size, None, fitted=fit).sample(rng, n)
+        m, places = evaluate(z)
+        m = np.asarray(m, dtype=np.float64)
         if not np.isfinite(m).all():
             raise ProposalError("the model's pilot draws gave non-finite window maxima")
+        if window is not None:  # a union: one level, from prior draws alone (see the doc)
+            best = np.argsort(-m)[: max(UNION_ELITES, int(round(UNION_SHARE * n)))]
+            fit = fit_union(z[best], w[best], np.asarray(places)[best], window)
+            levels, probability = [float(m[best[-1]])], len(best) / n
+            break
         # the level of the aimed prior probability, from these draws and their weights
         order = np.argsort(-m)
         reach = np.cumsum(w[order]) / n
@@ -163,16 +184,21 @@ def fit_proposal(
         level = min(float(np.quantile(m, 1.0 - ELITE)), aimed)
         probability = float(np.sum(w * (m >= level)) / n)
         elite = m >= level
-        we, ze = w[elite], z[elite]
-        mean = (we[:, None] * ze).sum(axis=0) / we.sum()
-        spread = ze - mean
-        cov = (we[:, None] * spread).T @ spread / we.sum()
-        cov = (1.0 - SHRINK) * cov + SHRINK * np.eye(size)
-        fit = Fitted(mean, cov)
+        if window is not None:
+            fit = fit_union(z[elite], w[elite], np.asarray(places)[elite], window)
+        else:
+            we, ze = w[elite], z[elite]
+            mean = (we[:, None] * ze).sum(axis=0) / we.sum()
+            spread = ze - mean
+            cov = (we[:, None] * spread).T @ spread / we.sum()
+            fit = Fitted(mean, (1.0 - SHRINK) * cov + SHRINK * np.eye(size))
         levels.append(level)
         if level >= aimed or (step > 0 and level <= levels[-2]):
             break
-    return Fitted(fit.mean, fit.covariance, levels, probability, n * len(levels))
+    assert fit is not None
+    return dataclasses.replace(
+        fit, levels=levels, level_probability=probability, pilot_draws=n * len(levels)
+    )
 
 
 class GaussianProposal:
@@ -184,7 +210,7 @@ class GaussianProposal:
         scenario: Scenario,
         size: int,
         direction: np.ndarray | None,
-        fitted: Fitted | None = None,
+        fitted: Fitted | UnionFit | None = None,
     ) -> None:
         if scenario.proposal == "shift":
             if direction is None or np.shape(direction) != (size,):
@@ -196,7 +222,10 @@ class GaussianProposal:
                 raise ProposalError("the shift direction holds NaN or infinite values")
         self.fitted = fitted
         self.chol: np.ndarray | None = None
-        if fitted is not None:
+        if isinstance(fitted, UnionFit):
+            if int(np.prod(fitted.window)) != size:
+                raise ProposalError(f"a union fit's window is not of {size} numbers")
+        elif fitted is not None:
             if fitted.mean.shape != (size,) or fitted.covariance.shape != (size, size):
                 raise ProposalError(f"a fitted Gaussian must be of {size} numbers")
             try:
@@ -237,8 +266,14 @@ class GaussianProposal:
         if not s.steered:
             return u, 1.0
         from_prior = rng.random() < a
+        if isinstance(self.fitted, UnionFit):
+            union = self.fitted
+            place = union.place(rng.random())
+            z = u if from_prior else u + union.component(place)
+            log_mix = union.log_mixture(z)
+            return z, 1.0 / (a + (1.0 - a) * math.exp(min(log_mix, 700.0)))
         if s.proposal == "fitted":
-            assert self.fitted is not None and self.chol is not None
+            assert isinstance(self.fitted, Fitted) and self.chol is not None
             z = u if from_prior else self.fitted.mean + self.chol @ u
             log_ratio = float(log_density_ratio(z[None], self.fitted)[0])
             return z, 1.0 / (a + (1.0 - a) * math.exp(min(log_ratio, 700.0)))

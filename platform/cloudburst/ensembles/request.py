@@ -78,13 +78,15 @@ class Scenario(BaseModel):
       ||z|| beyond the ``tail_quantile`` of the chi distribution. Efficient only where heavy
       rain comes with large inputs whatever their direction; elsewhere the rare events it
       misses are carried by the few defensive draws and its variance is high;
-    - ``proposal: fitted`` (models whose steered input is small: a VAE's latent code): a
-      defensive mixture of the prior and a Gaussian N(m, C) fitted to the model by the
-      cross-entropy method: ``pilot_draws`` prior draws per level, the best tenth of them
-      (by window maximum) set the next level and the next Gaussian, until the level reached
-      has a prior probability of at most 1 - ``tail_quantile``. It finds where the tail
-      lies, whether far out or near the centre of the latent space, at the cost of the pilot
-      draws (recorded);
+    - ``proposal: fitted``: a defensive mixture of the prior and a proposal fitted to the
+      model's own tail from ``pilot_draws`` pilot draws (their cost recorded). For a latent
+      model, a Gaussian N(m, C) by the cross-entropy method: level by level, the best tenth
+      of the pilot draws (by window maximum) set the next level and the next Gaussian, until
+      the level reached has a prior probability of at most 1 - ``tail_quantile``; it finds
+      where the tail lies, whether far out or near the centre of the latent space. For a
+      diffusion model (unconditional extremes), a union of local events: a small noise
+      pattern, learnt from the best 1% of prior pilot draws aligned on the pixel of their
+      maximum, placed at one place per draw with the probabilities those maxima showed;
     - ``proposal: prior``: no steering (the default of every other kind).
 
     Diffusion models, conditioned on observed frames (``condition``, a window of an ingested
@@ -117,7 +119,7 @@ class Scenario(BaseModel):
         0.99, gt=0.0, lt=1.0, description="tail: the radius quantile; fitted: the aimed level"
     )
     pilot_draws: int = Field(
-        1000, ge=100, le=100_000, description="fitted: pilot draws per cross-entropy level"
+        1000, ge=100, le=100_000, description="fitted: pilot draws (per level for latent models)"
     )
     shift: float = Field(3.0, gt=0.0, le=20.0)
     direction: list[float] | None = Field(

@@ -146,6 +146,18 @@ def timed(
             return elapsed / calls, calls
 
 
+def members_rate(members: int, fn: Callable[[], Any], device: torch.device, seconds: float) -> dict:
+    """Members/s of ``fn`` making ``members`` per call, its calls and peak memory."""
+    reset_peak(device)
+    per_call, calls = timed(fn, device, seconds)
+    return {
+        "members_per_s": members / per_call,
+        "s_per_call": per_call,
+        "calls": calls,
+        "peak_mib": peak_mib(device),
+    }
+
+
 def randomise_zero_layers(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
     """Fill weights that are exactly zero (the U-Net's identity-initialised blocks and output
     layer) with N(0, std^2), so that an untrained network's output depends on its input."""
@@ -374,16 +386,8 @@ def ensemble_section(args: argparse.Namespace, device: torch.device, size: dict)
                 }
 
                 def run(bs: int = bs, sampler: str = sampler, mode: str = mode) -> dict:
-                    reset_peak(device)
-                    per_call, calls = timed(
-                        lambda: call(bs, sampler, mode), device, args.seconds / 2
-                    )
-                    return {
-                        "members_per_s": bs / per_call,
-                        "s_per_call": per_call,
-                        "calls": calls,
-                        "peak_mib": peak_mib(device),
-                    }
+                    fn = lambda: call(bs, sampler, mode)  # noqa: E731
+                    return members_rate(bs, fn, device, args.seconds / 2)
 
                 rows.append(guarded(row, run))
     for name, (vcfg, vwindow) in size["vaes"].items():
@@ -410,14 +414,7 @@ def ensemble_section(args: argparse.Namespace, device: torch.device, size: dict)
                     vae.decode(z).cpu()
 
                 def run(bs: int = bs, decode: Callable[[], None] = decode) -> dict:
-                    reset_peak(device)
-                    per_call, calls = timed(decode, device, args.seconds / 2)
-                    return {
-                        "members_per_s": bs / per_call,
-                        "s_per_call": per_call,
-                        "calls": calls,
-                        "peak_mib": peak_mib(device),
-                    }
+                    return members_rate(bs, decode, device, args.seconds / 2)
 
                 rows.append(guarded(row, run))
         del vae

@@ -38,7 +38,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +52,32 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "platform") not in sys.path:  # also from a checkout without an install
     sys.path.insert(0, str(REPO / "platform"))
 
+from processes import (  # noqa: E402  (infra/local is the script's folder)
+    HOST,
+    ID_ENV,
+    StackError,
+    alive,
+    answers,
+    free_ports,
+    listening,
+    live_process,
+    psutil_module,
+    stack_processes,
+    stop_processes,
+    wait_until,
+)
+
 from cloudburst import environment  # noqa: E402
 
 ROOT_ENV = "CLOUDBURST_STACK_ROOT"
 DEFAULT_ROOT = REPO / "outputs" / "stack"
 STATE_NAME = "stack.json"
-ID_ENV = "CLOUDBURST_STACK_ID"  # in the environment of every process the stack starts
-HOST = "127.0.0.1"
 BUCKET = "cloudburst"
 # the moto server's throw-away credentials; it accepts any
 S3_KEY = "testing"
 S3_SECRET = "testing"
 
-READY_TIMEOUT_S = 180.0  # a Ray node or an MLflow server on a loaded 2-core machine is slow
-STOP_GRACE_S = 8.0  # SIGTERM, then SIGKILL after this long
 START_ATTEMPTS = 3  # a free-picked port taken by another program before its server bound it
-_BIND_FAILURES = ("already in use", "errno 98", "failed to bind", "bind failed", "could not bind")
 
 HEAD_PORTS = (
     "port",
@@ -110,14 +118,6 @@ UPLOAD_EXCLUDES = [
 INGEST_CONFIG = "jobs/configs/demo.yaml"
 TRAIN_CONFIG = "jobs/configs/vae-demo.yaml"
 SERVE_CONFIG = "jobs/configs/serve.yaml"
-
-
-class StackError(RuntimeError):
-    """The stack could not be started or read; the message says why."""
-
-    def __init__(self, message: str, port_taken: bool = False) -> None:
-        super().__init__(message)
-        self.port_taken = port_taken
 
 
 # ------------------------------------------------------------------------------- places
@@ -163,48 +163,6 @@ def shown(path: str | Path) -> str:
 # ---------------------------------------------------------------------------- processes
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports nothing listens on right now."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _psutil() -> Any:
-    try:
-        import psutil
-    except ImportError as exc:  # pragma: no cover - the dev extra has it
-        raise StackError("psutil is missing: install the dev extra (make install)") from exc
-    return psutil
-
-
-def live_process(record: dict[str, Any]) -> Any | None:
-    """The recorded process if it still runs: same pid and same start time (a pid the
-    system gave to another program since is not ours)."""
-    psutil = _psutil()
-    try:
-        proc = psutil.Process(int(record["pid"]))
-        if abs(proc.create_time() - float(record["create_time"])) > 0.5:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError):
-        return None
-
-
-def alive(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The recorded processes that still run."""
-    return [r for r in state.get("processes", []) if live_process(r) is not None]
-
-
 def spawn(
     root: Path, state: dict[str, Any], name: str, cmd: list[str], env: dict[str, str]
 ) -> subprocess.Popen:
@@ -223,7 +181,7 @@ def spawn(
         )
     create_time = time.time()
     with contextlib.suppress(Exception):
-        create_time = _psutil().Process(proc.pid).create_time()
+        create_time = psutil_module().Process(proc.pid).create_time()
     state["processes"].append(
         {
             "name": name,
@@ -236,103 +194,6 @@ def spawn(
     )
     write_state(root, state)
     return proc
-
-
-def _log_tail(path: str | Path, chars: int = 3000) -> str:
-    try:
-        return Path(path).read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
-def _port_taken(paths: list[Path]) -> bool:
-    for path in paths:
-        with contextlib.suppress(OSError):
-            text = path.read_text(errors="replace").lower()
-            if any(words in text for words in _BIND_FAILURES):
-                return True
-    return False
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status < 500
-    except urllib.error.HTTPError as exc:
-        return exc.code < 500
-    except OSError:
-        return False
-
-
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-        return True
-    return False
-
-
-def wait_until(
-    what: str, ready: Callable[[], bool], proc: subprocess.Popen, logs: list[Path]
-) -> None:
-    """Poll ``ready`` until it holds; fail with the log's tail when the process exits first
-    or :data:`READY_TIMEOUT_S` passes."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = (
-                f"exited with code {proc.returncode}"
-                if proc.poll() is not None
-                else f"was not ready within {READY_TIMEOUT_S:.0f} s"
-            )
-            tails = "\n".join(f"--- {p}:\n{_log_tail(p)}" for p in logs if p.exists())
-            raise StackError(f"{what} {why}; output:\n{tails}", port_taken=_port_taken(logs))
-        time.sleep(0.5)
-
-
-def stack_processes(state: dict[str, Any]) -> list[Any]:
-    """Every process that belongs to this stack: the recorded ones still running, their
-    descendants, and any process carrying the stack's id in its environment or naming its
-    temp dir on its command line. Never this process or its ancestors."""
-    psutil = _psutil()
-    mine = {os.getpid()}
-    with contextlib.suppress(psutil.Error):
-        mine.update(p.pid for p in psutil.Process().parents())
-    found: dict[int, Any] = {}
-    for record in state.get("processes", []):
-        proc = live_process(record)
-        if proc is None:
-            continue
-        found[proc.pid] = proc
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in proc.children(recursive=True)})
-    stack_id = state.get("id")
-    temp_dir = state.get("temp_dir")
-    for proc in psutil.process_iter():
-        if proc.pid in found or proc.pid in mine:
-            continue
-        with contextlib.suppress(psutil.Error):
-            cmdline = proc.cmdline()
-            if temp_dir and any(temp_dir in arg for arg in cmdline):
-                found[proc.pid] = proc
-                continue
-            if stack_id and proc.environ().get(ID_ENV) == stack_id:
-                found[proc.pid] = proc
-    return [p for pid, p in found.items() if pid not in mine]
-
-
-def stop_processes(procs: list[Any]) -> None:
-    """SIGTERM to each, SIGKILL to those still running after :data:`STOP_GRACE_S`."""
-    psutil = _psutil()
-    for proc in procs:
-        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-            proc.send_signal(signal.SIGTERM)
-    _, left = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-    for proc in left:
-        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
-            proc.kill()
-    _, still = psutil.wait_procs(left, timeout=5)
-    if still:
-        pids = ", ".join(str(p.pid) for p in still)
-        raise StackError(f"processes {pids} of the stack did not end after SIGKILL")
 
 
 def teardown(root: Path, state: dict[str, Any]) -> int:
@@ -483,7 +344,7 @@ def start(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]  # fmt: skip
     head = spawn(root, state, "ray-head", head_cmd, ray_env)
 
-    wait_until("moto_server", lambda: _answers(f"{s3}/moto-api/"), s3_proc, [logs / "s3.log"])
+    wait_until("moto_server", lambda: answers(f"{s3}/moto-api/"), s3_proc, [logs / "s3.log"])
     make_bucket(s3, BUCKET)
 
     mlflow_env = {
@@ -505,8 +366,8 @@ def start(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     head_logs = [logs / "ray-head.log", *Path(temp_dir, "head").glob("session_latest/logs/*")]
     agent = ports["head.dashboard-agent-listen-port"]
-    wait_until("the Ray head's agent", lambda: _listening(agent), head, head_logs)
-    wait_until("the Ray dashboard", lambda: _answers(f"{dashboard}/api/version"), head, head_logs)
+    wait_until("the Ray head's agent", lambda: listening(agent), head, head_logs)
+    wait_until("the Ray dashboard", lambda: answers(f"{dashboard}/api/version"), head, head_logs)
 
     # the second node: `ray start --address` cannot join on loopback only (ray_node.py)
     worker_cmd = [
@@ -521,11 +382,11 @@ def start(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     worker_logs = [logs / "ray-worker.log"]
     wait_until("the Ray worker node", lambda: ray_nodes(dashboard) >= 2, worker, worker_logs)
     worker_agent = ports["worker.dashboard-agent-listen-port"]
-    wait_until("the worker's agent", lambda: _listening(worker_agent), worker, worker_logs)
+    wait_until("the worker's agent", lambda: listening(worker_agent), worker, worker_logs)
 
     wait_until(
         "the MLflow server",
-        lambda: _answers(f"{mlflow}/health"),
+        lambda: answers(f"{mlflow}/health"),
         mlflow_proc,
         [logs / "mlflow.log"],
     )

@@ -93,7 +93,26 @@ class IngestConfig(Strict):
     source: str | None = Field(None, description="archive URL; None generates synthetic data")
     target: str = "outputs/demo/precip.zarr"
     variable: str | None = None
-    units: str | None = Field(None, description="units of the variable when the file lacks them")
+    units: str | dict[str, str] | None = Field(
+        None,
+        description="units of the variable when the file lacks them; with variables, one for "
+        "all or per variable ({name: units})",
+    )
+    variables: list[str] | None = Field(
+        None,
+        description="several variables (channels) into one store, on one grid; None: the one "
+        "precipitation variable (variable)",
+    )
+    grid: str | None = Field(
+        None,
+        description="with variables: the variable whose grid the others are regridded onto "
+        "(bicubic); needed when their grids differ",
+    )
+    missing_values: float | dict[str, float] | None = Field(
+        None,
+        description="with variables: the source value that means no data (e.g. 0 counts of a "
+        "satellite image's missing tiles), one for all or per variable; it becomes NaN",
+    )
     bbox: tuple[float, float, float, float] | None = None
     coarsen: int = Field(1, ge=1)
     chunks: dict[str, int] | None = None
@@ -114,6 +133,38 @@ class IngestConfig(Strict):
         if v is not None and (v[0] >= v[2] or v[1] >= v[3]):
             raise ValueError("bbox must be W,S,E,N with W < E and S < N")
         return v
+
+    @model_validator(mode="after")
+    def _variables_consistent(self) -> IngestConfig:
+        if self.variables is not None:
+            if self.variable is not None:
+                raise ValueError(
+                    "give variable (one precipitation variable) or variables, not both"
+                )
+            if not self.variables or len(set(self.variables)) != len(self.variables):
+                raise ValueError(f"variables must be distinct names (got {self.variables})")
+            clash = sorted(set(self.variables) & {"time", "y", "x"})
+            if clash:
+                raise ValueError(f"variables {clash} clash with the store's dims time, y, x")
+            if self.grid is not None and self.grid not in self.variables:
+                raise ValueError(
+                    f"grid {self.grid!r} must be one of the variables {self.variables}"
+                )
+            if isinstance(self.units, dict):
+                unknown = sorted(set(self.units) - set(self.variables))
+                if unknown:
+                    raise ValueError(f"units given for {unknown}, not among {self.variables}")
+            if isinstance(self.missing_values, dict):
+                unknown = sorted(set(self.missing_values) - set(self.variables))
+                if unknown:
+                    raise ValueError(
+                        f"missing_values given for {unknown}, not among {self.variables}"
+                    )
+        elif (
+            self.grid is not None or isinstance(self.units, dict) or self.missing_values is not None
+        ):
+            raise ValueError("grid, per-variable units and missing_values need variables")
+        return self
 
     @field_validator("chunks")
     @classmethod
@@ -148,10 +199,21 @@ class WindowConfig(Strict):
 class SplitConfig(Strict):
     """How windows are split into train / validation / test."""
 
-    scheme: Literal["years", "seasons", "none"] = "seasons"
+    scheme: Literal["years", "seasons", "frames", "none"] = "seasons"
     train_years: tuple[int, int] | None = None
     test_years: tuple[int, int] | None = None
-    every: int = Field(5, ge=2, description="seasons scheme: every n-th season goes to test")
+    every: int = Field(
+        5, ge=2, description="seasons (frames) scheme: every n-th season (time step) goes to test"
+    )
+    test_times: list[str] | None = Field(
+        None, description="frames scheme: these times (ISO) go to test instead of every n-th"
+    )
+    guard: int = Field(
+        0,
+        ge=0,
+        description="frames scheme: time steps either side of a test frame kept out of train and "
+        "val (near-duplicates of it)",
+    )
     val_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
 
@@ -159,6 +221,10 @@ class SplitConfig(Strict):
     def _years_given(self) -> SplitConfig:
         if self.scheme == "years" and (self.train_years is None or self.test_years is None):
             raise ValueError("scheme 'years' needs train_years and test_years, e.g. [1981, 2010]")
+        if self.scheme != "frames" and (self.test_times is not None or self.guard):
+            raise ValueError("test_times and guard belong to scheme 'frames'")
+        if self.test_times is not None and not self.test_times:
+            raise ValueError("test_times is empty: give at least one time, or use every")
         for name in ("train_years", "test_years"):
             span = getattr(self, name)
             if span is not None and span[0] > span[1]:
@@ -194,6 +260,20 @@ class DataConfig(Strict):
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     scaling: Literal["unit", "symmetric"] = "unit"
     transform: Literal["none", "sqrt"] = "none"
+    input: str | None = Field(
+        None, description="variable the model reads (x); None: the store's single variable"
+    )
+    target: str | None = Field(
+        None,
+        description="variable the model predicts (batch key target), same windows as input; "
+        "None: no target (the input is reconstructed)",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> DataConfig:
+        if self.target is not None and self.input is None:
+            raise ValueError("target needs input: name the variable the model reads")
+        return self
 
 
 class DatasetJobConfig(Strict):

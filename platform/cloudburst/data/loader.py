@@ -19,6 +19,11 @@ pool is created per iteration, in the process that iterates, and shut down (its 
 flight awaited, queued ones cancelled) when the iteration ends, fails or is closed early.
 ``prefetch_requests`` of 0 or 1 reads chunk by chunk when a block needs them, as before.
 
+Pairs: with a ``target`` variable (a store of several variables, e.g. translating one
+satellite channel into another), every window is cut from both variables at the same place:
+``x``/``mask`` from the input, ``target``/``target_mask`` from the target, each scaled by its
+own transformation. Both arrays share one chunk layout, so a pair costs two chunk caches.
+
 Memory is bounded by the cache, the chunks of two runs (current and next; none with
 prefetching off) and the regions of one run, not by the store.
 
@@ -41,20 +46,54 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cloudburst import storage
-from cloudburst.data.ingest import read_marker
+from cloudburst.config import DataConfig
+from cloudburst.data.ingest import StoreStats, read_marker
 from cloudburst.data.sources import PRECIP
-from cloudburst.data.transforms import Transform
+from cloudburst.data.transforms import Transform, for_data
 from cloudburst.data.windows import WindowIndex
 
 
-def open_array(store: str, options: dict[str, Any] | None = None, requests: int = 1) -> Any:
-    """The ``precip`` zarr array of a store, opened directly (no xarray, no dask), for a reader
-    that keeps up to ``requests`` chunk reads in flight."""
+def open_array(
+    store: str,
+    options: dict[str, Any] | None = None,
+    requests: int = 1,
+    variable: str = PRECIP,
+) -> Any:
+    """The zarr array of ``variable`` (``precip``) of a store, opened directly (no xarray, no
+    dask), for a reader that keeps up to ``requests`` chunk reads in flight."""
     import zarr
 
     zstore = storage.zarr_store(store, options, read_only=True, requests=requests)
     group = zarr.open_group(zstore, mode="r", zarr_format=3)  # no probing for v2 metadata
-    return group[PRECIP]
+    return group[variable]
+
+
+def marker_variables(marker: dict[str, Any]) -> list[str]:
+    """The variables a store's completion marker lists (``precip`` for a precipitation store)."""
+    return list(marker.get("request", {}).get("variables") or [PRECIP])
+
+
+def data_variables(data: DataConfig) -> list[str] | None:
+    """The variables a data section reads: input (and target) when named, else None (the
+    store's single variable)."""
+    names = [n for n in (data.input, data.target) if n is not None]
+    return names or None
+
+
+def resolve_variable(available: list[str], name: str | None, role: str = "input") -> str:
+    """``name``, or the store's single variable when None; an error names the choices."""
+    if name is None:
+        if len(available) == 1:
+            return available[0]
+        raise ValueError(
+            f"the store holds several variables ({', '.join(available)}); name the {role} "
+            "variable (data.input / data.target)"
+        )
+    if name not in available:
+        raise ValueError(
+            f"{role} variable {name!r} is not in the store; it has {', '.join(available)}"
+        )
+    return name
 
 
 def ray_rank() -> tuple[int, int]:
@@ -166,6 +205,10 @@ class WindowDataset(IterableDataset):
     transformed), ``mask`` bool (1, length, y, x) true where data are valid, ``origin`` int64
     (t0, y0, x0).
 
+    ``variable``: the store's variable read as ``x`` (None: its single one). With ``target``,
+    items also hold ``target`` (that variable, the same window, transformed by
+    ``target_transform``) and ``target_mask``.
+
     ``prefetch_requests``: chunk reads kept in flight while a run is read and the next one
     fetched (see the module doc); 0 or 1 reads chunks one at a time, when a block needs them.
     """
@@ -186,10 +229,18 @@ class WindowDataset(IterableDataset):
         world_size: int | None = None,
         return_mask: bool = True,
         prefetch_requests: int = 16,
+        variable: str | None = None,
+        target: str | None = None,
+        target_transform: Transform | None = None,
     ) -> None:
         super().__init__()
-        if read_marker(store, storage_options) is None:
+        marker = read_marker(store, storage_options)
+        if marker is None:
             raise FileNotFoundError(f"{store} is not a complete Cloudburst store; ingest it first")
+        available = marker_variables(marker)
+        self.variable = resolve_variable(available, variable, "input")
+        self.target = None if target is None else resolve_variable(available, target, "target")
+        self.target_transform = target_transform
         self.store = store
         self.storage_options = storage_options
         self.index = index
@@ -206,9 +257,17 @@ class WindowDataset(IterableDataset):
         self.prefetch_requests = int(prefetch_requests)
         self.epoch = 0
         self._array: Any = None
+        self._target_array: Any = None
         self.stats = {"decoded_chunks": 0, "decoded_bytes": 0}
-        chunks = open_array(store, storage_options).chunks
+        chunks = open_array(store, storage_options, variable=self.variable).chunks
         self.chunks = tuple(int(c) for c in chunks)
+        if self.target is not None:
+            other = open_array(store, storage_options, variable=self.target)
+            if tuple(int(c) for c in other.chunks) != self.chunks:
+                raise ValueError(
+                    f"{self.variable} and {self.target} are chunked differently in {store}; "
+                    "re-ingest them into one store"
+                )
         # block of every window: the chunk holding its origin, as one sortable int
         grid = [-(-n // c) for n, c in zip(index.grid, self.chunks, strict=True)]
         key = index.origins // np.asarray(self.chunks)
@@ -220,7 +279,7 @@ class WindowDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_array"] = None  # reopened lazily in each process
+        state["_array"] = state["_target_array"] = None  # reopened lazily in each process
         return state
 
     def set_epoch(self, epoch: int) -> None:
@@ -271,7 +330,14 @@ class WindowDataset(IterableDataset):
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # small per-window ops are far faster single-threaded
         if self._array is None:
-            self._array = open_array(self.store, self.storage_options, self.prefetch_requests)
+            self._array = open_array(
+                self.store, self.storage_options, self.prefetch_requests, self.variable
+            )
+        if self.target is not None and self._target_array is None:
+            self._target_array = open_array(
+                self.store, self.storage_options, self.prefetch_requests, self.target
+            )
+        arrays = [self._array] + ([self._target_array] if self.target is not None else [])
         ids, runs = self.my_share()
         rng = np.random.default_rng(
             [
@@ -288,24 +354,30 @@ class WindowDataset(IterableDataset):
             pool = ThreadPoolExecutor(
                 max_workers=self.prefetch_requests, thread_name_prefix=PREFETCH_THREAD_PREFIX
             )
-        cache = ChunkCache(self._array, self.cache_chunks, pool=pool)
+        caches = [ChunkCache(array, self.cache_chunks, pool=pool) for array in arrays]
+        cache = caches[0]  # the arrays share one chunk layout: its keys serve all
         try:
             ahead = self._chunk_keys(cache, ids[spans[0][0] : spans[0][1]]) if pool else []
-            cache.prefetch(ahead)
+            for c in caches:
+                c.prefetch(ahead)
             for i, (a, b) in enumerate(spans):
                 if pool is not None and i + 1 < len(spans):  # the next run, behind this one
                     ahead = self._chunk_keys(cache, ids[spans[i + 1][0] : spans[i + 1][1]])
-                    cache.prefetch(ahead)
+                    for c in caches:
+                        c.prefetch(ahead)
                 else:
                     ahead = []
-                yield from self._run(cache, ids[a:b], rng)
-                cache.release(keep=ahead)
+                yield from self._run(caches, ids[a:b], rng)
+                for c in caches:
+                    c.release(keep=ahead)
         finally:
-            cache.release()
+            for c in caches:
+                c.release()
             if pool is not None:  # also when the consumer stops early: no thread outlives it
                 pool.shutdown(wait=True, cancel_futures=True)
-            self.stats["decoded_chunks"] += cache.decoded
-            self.stats["decoded_bytes"] += cache.bytes_decoded
+            for c in caches:
+                self.stats["decoded_chunks"] += c.decoded
+                self.stats["decoded_bytes"] += c.bytes_decoded
 
     def _blocks(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(origins, region start, region stop) of each block of windows ``ids``, in order."""
@@ -323,32 +395,81 @@ class WindowDataset(IterableDataset):
             keys.update(dict.fromkeys(cache.keys(tuple(start), tuple(stop))))
         return list(keys)
 
+    def _prepared(
+        self, cache: ChunkCache, start: np.ndarray, stop: np.ndarray, transform: Transform | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A block's region of one array: NaN filled, transformed; and its validity."""
+        raw = cache.region(tuple(start), tuple(stop))
+        valid = ~np.isnan(raw)
+        filled = np.where(valid, raw, np.float32(self.fill_value))
+        if transform is not None:
+            filled = np.asarray(transform.forward(filled), dtype=np.float32)
+        return filled, valid if self.return_mask else None
+
     def _run(
-        self, cache: ChunkCache, ids: np.ndarray, rng: np.random.Generator
+        self, caches: list[ChunkCache], ids: np.ndarray, rng: np.random.Generator
     ) -> Iterator[dict[str, torch.Tensor]]:
         length, sy, sx = self.index.shape
-        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]] = []
+        keys = [("x", "mask", self.transform), ("target", "target_mask", self.target_transform)]
+        pieces: list[tuple[list[tuple[np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray]] = []
         for o, start, stop in self._blocks(ids):
-            raw = cache.region(tuple(start), tuple(stop))
-            valid = ~np.isnan(raw)
-            filled = np.where(valid, raw, np.float32(self.fill_value))
-            if self.transform is not None:
-                filled = np.asarray(self.transform.forward(filled), dtype=np.float32)
-            pieces.append((filled, o - start, valid if self.return_mask else None, o))
+            arrays = [
+                self._prepared(cache, start, stop, transform)
+                for cache, (_, _, transform) in zip(caches, keys, strict=False)
+            ]
+            pieces.append((arrays, o - start, o))
         flat = [(p, k) for p, piece in enumerate(pieces) for k in range(len(piece[1]))]
         order = rng.permutation(len(flat)) if self.shuffle else np.arange(len(flat))
         for j in order:
             p, k = flat[j]
-            data, rel, valid, o = pieces[p]
+            arrays, rel, o = pieces[p]
             t, y, x = rel[k]
             sl = (slice(t, t + length), slice(y, y + sy), slice(x, x + sx))
-            item = {
-                "x": torch.from_numpy(np.ascontiguousarray(data[sl])[None]),
-                "origin": torch.from_numpy(o[k].copy()),
-            }
-            if valid is not None:
-                item["mask"] = torch.from_numpy(np.ascontiguousarray(valid[sl])[None])
+            item = {}
+            for (data, valid), (name, mask_name, _) in zip(arrays, keys, strict=False):
+                item[name] = torch.from_numpy(np.ascontiguousarray(data[sl])[None])
+                if name == "x":
+                    item["origin"] = torch.from_numpy(o[k].copy())
+                if valid is not None:
+                    item[mask_name] = torch.from_numpy(np.ascontiguousarray(valid[sl])[None])
             yield item
+
+
+def dataset_for(
+    data: DataConfig,
+    index: WindowIndex,
+    stats: dict[str, StoreStats],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> WindowDataset:
+    """The dataset ``data`` describes over ``index``: its input (and target) variable, each
+    scaled by its own statistics in ``stats`` (by variable name, e.g.
+    :func:`cloudburst.data.ingest.variable_stats`, or the training split's)."""
+    available = list(stats)
+    name = resolve_variable(available, data.input, "input")
+    target = None if data.target is None else resolve_variable(available, data.target, "target")
+    return WindowDataset(
+        data.store,
+        index,
+        storage_options=storage_options,
+        transform=for_data(stats[name], data.scaling, data.transform),
+        target_transform=None
+        if target is None
+        else for_data(stats[target], data.scaling, data.transform),
+        shuffle=shuffle,
+        seed=seed,
+        cache_blocks=data.loader.cache_blocks,
+        shuffle_buffer_blocks=data.loader.shuffle_buffer_blocks,
+        prefetch_requests=data.loader.prefetch_requests,
+        rank=rank,
+        world_size=world_size,
+        variable=name,
+        target=target,
+    )
 
 
 def make_loader(

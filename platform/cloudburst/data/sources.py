@@ -15,10 +15,15 @@ object storage), what comes out is the same shape, so everything downstream has 
   one member asked for (``member``); with several members and none asked for, it is an error.
 
 The data stay lazy (dask) until someone reads them.
+
+:func:`open_fields` opens several variables (channels, e.g. two satellite bands) instead: each
+keeps its own units and values (float32, no precipitation semantics), all on one grid (the
+others regridded bicubically onto it, see :mod:`cloudburst.data.regrid`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -60,6 +65,8 @@ X_NAMES = (
 Y_STANDARD = ("latitude", "projection_y_coordinate")  # standard_name contains one: a y axis
 X_STANDARD = ("longitude", "projection_x_coordinate")
 MEMBER_NAMES = ("ensemble_member", "realization", "realisation", "member", "ensemble")
+log = logging.getLogger(__name__)
+
 HOUR_NS = np.timedelta64(3600, "s")
 DAY_NS = np.timedelta64(86400, "s")
 
@@ -317,6 +324,23 @@ def select_member(
     )
 
 
+def _ordered_times(da: xr.DataArray, tdim: str, name: Any) -> tuple[xr.DataArray, np.ndarray]:
+    """``da`` with its times standardised, sorted and without duplicates, and those times."""
+    times = np.asarray(da[tdim].values)
+    if not calendars.is_time(times):
+        raise SourceError(f"time coordinate of '{name}' is not decodable as dates ({times.dtype})")
+    standard = calendars.standardise(times)  # Gregorian cftime -> datetime64
+    if standard is not times:
+        da = da.assign_coords({tdim: (tdim, standard, da[tdim].attrs)})
+        times = standard
+    order = np.argsort(times, kind="stable")
+    keep = order[np.r_[True, calendars.deltas(times[order]) > np.timedelta64(0, "s")]]
+    if len(keep) != len(times) or np.any(np.diff(keep) < 0):
+        da = da.isel({tdim: keep})
+        times = times[keep]
+    return da, times
+
+
 def normalise(
     ds: xr.Dataset,
     variable: str | None = None,
@@ -335,18 +359,7 @@ def normalise(
     ydim, xdim = _spatial_dims(da, ds, tdim)
     da = da.transpose(tdim, ydim, xdim)
 
-    times = np.asarray(da[tdim].values)
-    if not calendars.is_time(times):
-        raise SourceError(f"time coordinate of '{name}' is not decodable as dates ({times.dtype})")
-    standard = calendars.standardise(times)  # Gregorian cftime -> datetime64
-    if standard is not times:
-        da = da.assign_coords({tdim: (tdim, standard, da[tdim].attrs)})
-        times = standard
-    order = np.argsort(times, kind="stable")
-    keep = order[np.r_[True, calendars.deltas(times[order]) > np.timedelta64(0, "s")]]
-    if len(keep) != len(times) or np.any(np.diff(keep) < 0):
-        da = da.isel({tdim: keep})
-        times = times[keep]
+    da, times = _ordered_times(da, tdim, name)
     step = time_step(times)
 
     src_units = units or str(da.attrs.get("units", ""))
@@ -438,3 +451,254 @@ def open_source(
         if ds.sizes["time"] == 0:
             raise SourceError(f"no time steps between {time_start} and {time_end} in {origin}")
     return ds
+
+
+# ---------------------------------------------------------------------------- several fields
+
+RESERVED_NAMES = ("time", "y", "x")
+REGRID_CHUNK_BYTES = 16 * 2**20  # source data regridded at a time (whole time steps)
+
+
+def _field(
+    ds: xr.Dataset, name: str, member: int | str | None
+) -> tuple[xr.DataArray, tuple[str, str], str | None]:
+    """Variable ``name`` as (time, y-dim, x-dim), times ordered; its spatial dims; member."""
+    da, label = select_member(ds[name], ds, member)
+    if da.ndim > 3:  # e.g. a length-1 level or band axis
+        singles = [d for d in da.dims if da.sizes[d] == 1 and not _is_time_coord(d, ds)]
+        da = da.isel({d: 0 for d in singles}, drop=True)
+    tdim = _time_dim(da, ds)
+    ydim, xdim = _spatial_dims(da, ds, tdim)
+    da, _ = _ordered_times(da.transpose(tdim, ydim, xdim), tdim, name)
+    if tdim != "time":
+        da = da.rename({tdim: "time"})
+    return da, (ydim, xdim), label
+
+
+def _axis(ds: xr.Dataset, da: xr.DataArray, dim: str) -> np.ndarray:
+    """The 1-D coordinate values along ``dim`` (its index, or a 1-D coordinate along it)."""
+    if dim in ds.coords and ds[dim].dims == (dim,):
+        return np.asarray(ds[dim].values)
+    for c in da.coords:
+        if da[c].dims == (dim,):
+            return np.asarray(da[c].values)
+    raise SourceError(
+        f"'{da.name}' has no 1-D coordinate along '{dim}': regridding needs rectilinear grids "
+        "(1-D y/x or lat/lon coordinates)"
+    )
+
+
+def _as_float(da: xr.DataArray) -> xr.DataArray:
+    """float32, non-finite values NaN (fill values are already NaN once decoded)."""
+    data = da.astype("float32")
+    return data.where(np.isfinite(data))
+
+
+def within_range(out: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``out`` clipped to the finite range of ``source`` (NaN stays NaN; an all-NaN source
+    leaves ``out`` as it is)."""
+    finite = source[np.isfinite(source)]
+    if finite.size == 0:
+        return out
+    return np.clip(out, finite.min(), finite.max()).astype(out.dtype, copy=False)
+
+
+def open_fields(
+    source: str | list[str] | xr.Dataset,
+    variables: list[str],
+    *,
+    grid: str | None = None,
+    units: str | dict[str, str] | None = None,
+    region: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    time_start: str | None = None,
+    time_end: str | None = None,
+    member: int | str | None = None,
+    missing_values: float | dict[str, float] | None = None,
+) -> xr.Dataset:
+    """Several variables of ``source`` as one lazy Dataset of (time, y, x) float32 fields on
+    one grid: the grid of variable ``grid`` (required when the variables' grids differ).
+
+    Values keep their source units (no conversion; raw counts become float32, non-finite values
+    NaN). Variables on another grid are regridded bicubically (see :mod:`.regrid`): target
+    cells outside their extent are NaN, and their number is the variable's
+    ``regrid_outside_cells`` attribute. ``units`` (one for all, or per variable) is recorded
+    where the file has none. ``region`` (a function of a Dataset with y/x coordinates) crops
+    the grid before the others are regridded onto it. ``member`` and the time range act as in
+    :func:`open_source`. ``missing_values`` (one for all, or per variable) is a value that
+    means "no data" in the source (e.g. the 0 counts of a satellite image's missing tiles): it
+    becomes NaN before any regridding, so the cells it reaches are NaN too. Regridded values
+    are kept within the range of the source values they come from (per block of time steps),
+    so bicubic overshoot at sharp edges never leaves the source's range.
+    """
+    from cloudburst.data.regrid import METHOD, Regridder
+
+    if isinstance(source, xr.Dataset):
+        raw, origin = source, source.attrs.get("cloudburst_source", "in-memory dataset")
+    else:
+        if isinstance(source, str) and not storage.is_remote(source) and "://" not in source:
+            if not any(c in source for c in "*?[") and not os.path.exists(source):
+                raise SourceError(f"no such file or store: {source}. Check the path.")
+        raw, origin = open_raw(source, storage_options), str(source)
+    names = [str(v) for v in variables]
+    if not names or len(set(names)) != len(names):
+        raise SourceError(f"variables must be distinct names, at least one (got {names})")
+    available = [str(v) for v in raw.data_vars]
+    missing = [v for v in names if v not in raw.data_vars]
+    if missing:
+        raise SourceError(
+            f"variable(s) {', '.join(missing)} not in the source; it has {_inventory(raw)}. "
+            f"Choose variables among: {', '.join(available)}"
+        )
+    reserved = [v for v in names if v in RESERVED_NAMES]
+    if reserved:
+        raise SourceError(f"variable names {reserved} clash with the store's dims time, y, x")
+    if grid is not None and grid not in names:
+        raise SourceError(
+            f"grid {grid!r} is not one of the variables; name the variable whose grid the others "
+            f"are regridded onto, one of: {', '.join(names)}"
+        )
+    if isinstance(units, dict):
+        unknown = sorted(set(units) - set(names))
+        if unknown:
+            raise SourceError(
+                f"units given for {unknown}, which are not among the variables {names}"
+            )
+    if isinstance(missing_values, dict):
+        unknown = sorted(set(missing_values) - set(names))
+        if unknown:
+            raise SourceError(
+                f"missing_values given for {unknown}, which are not among the variables {names}"
+            )
+
+    fields, member_label = {}, None
+    for name in names:
+        da, dims, label = _field(raw, name, member)
+        fields[name] = (da, dims)
+        member_label = member_label if label is None else label
+    times = {n: np.asarray(da["time"].values) for n, (da, _) in fields.items()}
+    first = names[0]
+    for name in names[1:]:
+        a, b = times[first], times[name]
+        if len(a) != len(b) or not np.all(a == b):
+            raise SourceError(
+                f"variables {first} and {name} have different times ({len(a)} and {len(b)} "
+                "steps); several variables go into one store only with the same time axis"
+            )
+    grid_name = grid
+    if grid_name is None:
+        shapes = {n: tuple(da.sizes[d] for d in dims) for n, (da, dims) in fields.items()}
+        dimsets = {n: dims for n, (_, dims) in fields.items()}
+        if len(set(dimsets.values())) > 1 or len(set(shapes.values())) > 1:
+            shown = "; ".join(f"{n} {dimsets[n]} {shapes[n][0]}x{shapes[n][1]}" for n in names)
+            raise SourceError(
+                f"the variables are on different grids ({shown}); name the grid to regrid "
+                f"onto with grid: one of {', '.join(names)}"
+            )
+        grid_name = first
+
+    # the target grid: the grid variable's, with dims and 1-D coordinates named y and x
+    gda, (gy, gx) = fields[grid_name]
+    ty, tx = _axis(raw, gda, gy), _axis(raw, gda, gx)
+    coord_attrs = {
+        "y": dict(raw[gy].attrs) if gy in raw.coords else {},
+        "x": dict(raw[gx].attrs) if gx in raw.coords else {},
+    }
+    base = xr.Dataset(
+        coords={
+            "time": ("time", times[first]),
+            "y": ("y", ty, coord_attrs["y"]),
+            "x": ("x", tx, coord_attrs["x"]),
+        }
+    )
+    if region is not None:
+        base = region(base)
+    ty, tx = np.asarray(base["y"].values), np.asarray(base["x"].values)
+
+    out = xr.Dataset(coords=base.coords)
+    for name in names:
+        da, (ydim, xdim) = fields[name]
+        attrs = dict(raw[name].attrs)
+        src_units = (units.get(name) if isinstance(units, dict) else units) or str(
+            attrs.get("units", "")
+        )
+        meta = {
+            "units": src_units,
+            "long_name": str(attrs.get("long_name", name)),
+            "source_variable": name,
+            "source_units": src_units,
+        }
+        values = _as_float(da.drop_vars([c for c in da.coords if c != "time"]))
+        no_data = missing_values.get(name) if isinstance(missing_values, dict) else missing_values
+        if no_data is not None:
+            values = values.where(values != np.float32(no_data))
+            meta["missing_value_in_source"] = float(no_data)
+        if name == grid_name or (ydim, xdim) == (gy, gx):
+            # the grid itself (or a variable on it): cut to the region by coordinate value
+            yi = _positions_of(_axis(raw, da, ydim), ty, name, "y")
+            xi = _positions_of(_axis(raw, da, xdim), tx, name, "x")
+            values = values.isel({ydim: yi, xdim: xi})
+            values = values.rename({ydim: "y", xdim: "x"}) if (ydim, xdim) != ("y", "x") else values
+        else:
+            sy, sx = _axis(raw, da, ydim), _axis(raw, da, xdim)
+            regrid = Regridder.between(sy, sx, ty, tx)
+            per_step = 4 * max(da.sizes[ydim] * da.sizes[xdim], len(ty) * len(tx))
+            ct = int(max(1, min(da.sizes["time"], REGRID_CHUNK_BYTES // per_step)))
+            if hasattr(values.data, "chunks"):
+                values = values.chunk({"time": ct, ydim: -1, xdim: -1})
+            values = xr.apply_ufunc(
+                lambda block, regrid=regrid: within_range(regrid(block), block),
+                values,
+                input_core_dims=[[ydim, xdim]],
+                output_core_dims=[["y", "x"]],
+                exclude_dims={ydim, xdim} & {"y", "x"},  # same names, other sizes
+                dask="parallelized",
+                output_dtypes=[np.float32],
+                dask_gufunc_kwargs={"output_sizes": {"y": len(ty), "x": len(tx)}},
+            )
+            meta.update(
+                regridded_from=f"{ydim} x {xdim}: {len(sy)} x {len(sx)}",
+                regrid_method=METHOD,
+                regrid_outside_cells=int(regrid.outside_cells),
+            )
+            if regrid.outside_cells:
+                log.info(
+                    "%s: %d of %d cells of the %s grid lie outside its extent (NaN)",
+                    name,
+                    regrid.outside_cells,
+                    len(ty) * len(tx),
+                    grid_name,
+                )
+        values = values.assign_coords(y=ty, x=tx).transpose("time", "y", "x")
+        values.attrs = meta
+        values.encoding = {}
+        out[name] = values
+    out["y"].attrs, out["x"].attrs = coord_attrs["y"], coord_attrs["x"]
+    out.attrs = {k: v for k, v in raw.attrs.items() if isinstance(v, (str, int, float))}
+    if origin:
+        out.attrs["cloudburst_source"] = origin
+    if member_label is not None:
+        out.attrs["cloudburst_member"] = member_label
+    calendar = calendars.calendar_of(times[first])
+    if calendar != calendars.STANDARD:
+        out.attrs["cloudburst_calendar"] = calendar
+    out.attrs["cloudburst_grid"] = grid_name
+    out.attrs["Conventions"] = "CF-1.8"
+    out["time"].encoding = {}
+    if time_start or time_end:
+        out = out.sel(time=slice(time_start, time_end))
+        if out.sizes["time"] == 0:
+            raise SourceError(f"no time steps between {time_start} and {time_end} in {origin}")
+    return out
+
+
+def _positions_of(axis: np.ndarray, wanted: np.ndarray, name: str, what: str) -> np.ndarray:
+    """Indices of the coordinate values ``wanted`` in ``axis`` (exact matches)."""
+    lookup = {float(v): i for i, v in enumerate(np.asarray(axis, dtype=np.float64))}
+    try:
+        return np.array([lookup[float(v)] for v in np.asarray(wanted, dtype=np.float64)])
+    except KeyError:
+        raise SourceError(
+            f"'{name}' shares the grid's dims but not its {what} coordinates; name it as "
+            "the grid or regrid it"
+        ) from None

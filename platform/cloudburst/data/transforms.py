@@ -123,10 +123,18 @@ def from_state(state: dict[str, Any]) -> Transform:
 def for_data(
     stats: StoreStats, scaling: str = "unit", transform: str = "none", upper: float | None = None
 ) -> Transform:
-    """Optional fixed transformation, then scaling of [0, max] (or [0, ``upper``])."""
+    """Optional fixed transformation, then scaling of [0, max] (or [0, ``upper``]).
+
+    A variable of a several-variable store (its statistics carry a minimum: counts,
+    radiances) is scaled from its own [min, max] instead, without a transformation.
+    """
     high = float(upper if upper is not None else stats.max) or 1.0
     if transform == "sqrt":
         return Chain(Sqrt(), Scale(0.0, high**0.5, scaling))
     if transform != "none":
         raise ValueError(f"unknown transformation {transform!r}; use 'none' or 'sqrt'")
+    if stats.min is not None:
+        low = float(stats.min)
+        high = float(upper if upper is not None else stats.max)
+        return Scale(low, high if high > low else low + 1.0, scaling)
     return Scale(0.0, high, scaling)

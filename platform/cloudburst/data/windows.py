@@ -7,9 +7,12 @@ holds every valid origin, after:
 - a day-of-year filter (every step of the window inside, e.g. the monsoon 150-300);
 - a NaN policy (drop windows above ``max_nan_fraction``; the loader fills the rest with 0 and
   returns a validity mask);
-- a split into train / val / test: by year ranges, or season-stratified (every n-th season
-  to test, never two test seasons in one year). Validation is carved from train in contiguous
-  time blocks, never mixed with it inside one window. Windows straddling two parts are dropped.
+- a split into train / val / test: by year ranges, season-stratified (every n-th season
+  to test, never two test seasons in one year), or by frames (every n-th time step, or named
+  times, to test, with an optional guard of steps either side kept out of train and val: for
+  short records of images, e.g. one day of satellite frames). Validation is carved from train
+  in contiguous time blocks, never mixed with it inside one window. Windows straddling two
+  parts are dropped.
 
 Times may be in any CF calendar (datetime64 or cftime, see :mod:`cloudburst.data.calendars`):
 in a 360-day year the day of year runs 1..360 and every month (so every season) has 30 days.
@@ -27,7 +30,7 @@ from pydantic import ValidationError
 
 from cloudburst.config import SplitConfig, WindowConfig
 from cloudburst.data import calendars
-from cloudburst.data.sources import PRECIP
+from cloudburst.data.ingest import store_variables
 
 PARTS = ("train", "val", "test")
 _LABEL = {"train": 0, "val": 1, "test": 2}
@@ -96,20 +99,24 @@ def _all_true_runs(ok: np.ndarray, length: int) -> np.ndarray:
 
 
 def _nan_counts(
-    da: xr.DataArray,
+    da: xr.DataArray | list[xr.DataArray],
     starts_t: np.ndarray,
     ys: np.ndarray,
     xs: np.ndarray,
     shape: tuple[int, int, int],
     block_bytes: int = 64 * 2**20,
 ) -> np.ndarray:
-    """NaN count of every window (t0 in starts_t) x ys x xs, reading the data in time blocks."""
+    """NaN count of every window (t0 in starts_t) x ys x xs, reading the data in time blocks;
+    with several arrays, a cell counts where any of them is NaN."""
+    arrays = da if isinstance(da, list) else [da]
     length, sy, sx = shape
-    nt = da.sizes["time"]
-    block = max(1, block_bytes // (4 * da.sizes["y"] * da.sizes["x"]))
+    nt = arrays[0].sizes["time"]
+    block = max(1, block_bytes // (4 * arrays[0].sizes["y"] * arrays[0].sizes["x"]))
     per_step = np.zeros((nt, len(ys), len(xs)), dtype=np.int32)
     for a in range(0, nt, block):
-        chunk = np.isnan(da.isel(time=slice(a, a + block)).values)
+        chunk = np.isnan(arrays[0].isel(time=slice(a, a + block)).values)
+        for other in arrays[1:]:
+            chunk |= np.isnan(other.isel(time=slice(a, a + block)).values)
         integral = np.zeros((chunk.shape[0], chunk.shape[1] + 1, chunk.shape[2] + 1), np.int32)
         integral[:, 1:, 1:] = chunk.cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
         y1, x1 = ys + sy, xs + sx
@@ -123,9 +130,25 @@ def _nan_counts(
     return cum[starts_t + length] - cum[starts_t]
 
 
-def build_index(ds: xr.Dataset, windows: WindowConfig, *, size_x: int | None = None) -> WindowIndex:
-    """Every valid window of the store ``ds`` (opened by ``ingest.open_store``)."""
-    da = ds[PRECIP]
+def build_index(
+    ds: xr.Dataset,
+    windows: WindowConfig,
+    *,
+    size_x: int | None = None,
+    variables: list[str] | None = None,
+) -> WindowIndex:
+    """Every valid window of the store ``ds`` (opened by ``ingest.open_store``).
+
+    In a store of several variables the windows are shared by all of them: a cell is missing
+    where any of ``variables`` (default: all the store's) is NaN.
+    """
+    names = list(variables) if variables else store_variables(ds)
+    unknown = [v for v in names if v not in ds.data_vars]
+    if unknown:
+        raise WindowError(
+            f"variable(s) {unknown} not in the store; it has {', '.join(store_variables(ds))}"
+        )
+    da = ds[names[0]]
     nt, ny, nx = (int(da.sizes[d]) for d in ("time", "y", "x"))
     length, sy, sx = windows.length, windows.size, size_x or windows.size
     if length > nt:
@@ -154,7 +177,7 @@ def build_index(ds: xr.Dataset, windows: WindowConfig, *, size_x: int | None = N
             f"no window of {length} steps fits the record with day-of-year filter {windows.doy}; "
             "widen the filter or shorten the window."
         )
-    counts = _nan_counts(da, starts, ys, xs, (length, sy, sx))
+    counts = _nan_counts([ds[n] for n in names], starts, ys, xs, (length, sy, sx))
     frac = counts.astype(np.float32) / float(length * sy * sx)
     t_grid, y_grid, x_grid = np.meshgrid(starts, ys, xs, indexing="ij")
     origins = np.stack([t_grid.ravel(), y_grid.ravel(), x_grid.ravel()], axis=1).astype(np.int64)
@@ -198,9 +221,41 @@ def step_labels(
             if k % split.every == split.every - 1 and year not in used_years:
                 labels[keys == key] = 2
                 used_years.add(year)
+    elif split.scheme == "frames":
+        labels[frame_tests(times, split)] = 2
+        if split.guard:
+            test = np.flatnonzero(labels == 2)
+            near = np.zeros(n, dtype=bool)
+            for k in range(1, split.guard + 1):
+                near[np.clip(test - k, 0, n - 1)] = True
+                near[np.clip(test + k, 0, n - 1)] = True
+            labels[near & (labels != 2)] = -1
     if split.val_fraction > 0:
         _carve_validation(labels, times, split, length, starts)
     return labels
+
+
+def frame_tests(times: np.ndarray, split: SplitConfig) -> np.ndarray:
+    """Steps the frames scheme holds out for test: ``test_times``, or every n-th step (the
+    n-th, 2n-th, ... counting from the first)."""
+    n = len(times)
+    if split.test_times is None:
+        return np.arange(split.every - 1, n, split.every)
+    stamps = {calendars.iso(t, unit="s"): i for i, t in enumerate(times)}
+    chosen = []
+    for text in split.test_times:
+        try:
+            key = str(np.datetime_as_string(np.datetime64(text.strip(), "s"), unit="s"))
+        except ValueError:
+            key = text.strip()
+        if key not in stamps:
+            shown = ", ".join(list(stamps)[:3])
+            raise WindowError(
+                f"test time {text!r} is not a time step of the store (it has {n} steps: "
+                f"{shown}{', ...' if n > 3 else ''}); give times of the store"
+            )
+        chosen.append(stamps[key])
+    return np.asarray(sorted(set(chosen)), dtype=np.int64)
 
 
 def _carve_validation(
@@ -258,8 +313,9 @@ def parse_split(spec: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple
     """``PART[@SCHEME]`` -> (SplitConfig, part).
 
     SCHEME is ``seasons`` or ``seasons:N`` (every N-th season to test; the default, N = 5),
-    ``years:A-B/C-D`` (train years A-B, test years C-D) or ``none`` (no test part).
-    Examples: ``test``, ``train@years:1981-2010/2011-2019``, ``val@seasons:5``.
+    ``years:A-B/C-D`` (train years A-B, test years C-D), ``frames`` or ``frames:N`` (every
+    N-th time step to test, default 5) or ``none`` (no test part).
+    Examples: ``test``, ``train@years:1981-2010/2011-2019``, ``val@seasons:5``, ``test@frames:4``.
     """
     part, _, scheme = spec.partition("@")
     part = part.strip() or "train"
@@ -273,6 +329,12 @@ def parse_split(spec: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple
         every = int(m.group(1) or 5)
         return _split_config(
             spec, scheme="seasons", every=every, val_fraction=val_fraction, seed=seed
+        ), part
+    m = re.fullmatch(r"frames(?::(\d+))?", scheme)
+    if m:
+        every = int(m.group(1) or 5)
+        return _split_config(
+            spec, scheme="frames", every=every, val_fraction=val_fraction, seed=seed
         ), part
     m = re.fullmatch(r"years:(\d{4})-(\d{4})/(\d{4})-(\d{4})", scheme)
     if m:
@@ -292,5 +354,5 @@ def parse_split(spec: str, *, val_fraction: float = 0.1, seed: int = 0) -> tuple
         ), part
     raise WindowError(
         f"split scheme {scheme!r} not understood; use seasons, seasons:N, "
-        "years:1981-2010/2011-2019 or none"
+        "years:1981-2010/2011-2019, frames, frames:N or none"
     )

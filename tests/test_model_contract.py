@@ -32,12 +32,14 @@ from cloudburst.models.roles import (
     ROLES,
     Condition,
     ConditionalSampler,
+    DiscreteCoder,
     Generative,
     LatentModel,
     Reconstructor,
     RoleError,
     Trainable,
     TransformedInput,
+    Translator,
 )
 from cloudburst.schema import Strict
 
@@ -126,19 +128,71 @@ def test_a_training_step_lowers_the_loss(name, window):
 
 @pytest.mark.parametrize("name", registry.names())
 def test_packaged_models_sample_in_physical_units_and_survive_save_and_load(name, tmp_path):
+    """A family that samples does so in physical units; one that does not (no Generative
+    role) refuses by name and reconstructs physical windows instead; both survive a round
+    trip to disk unchanged."""
     window = WINDOWS[0]
     torch.manual_seed(0)
     cfg = small(name)
     net = registry.build(name, cfg, window)
     stats = {"units": "mm/h", "max": 40.0}
     packaged = PrecipitationModel(net, name, cfg, window, Scale(0.0, 40.0, "unit"), stats)
-    out = packaged.sample(3, seed=5)
+    if packaged.plays(Generative):
+
+        def made(model: PrecipitationModel) -> np.ndarray:
+            return model.sample(3, seed=5)
+
+    else:
+        assert packaged.plays(Reconstructor), f"{name} neither samples nor reconstructs"
+        with pytest.raises(RoleError, match="Generative"):
+            packaged.sample(3, seed=5)
+        windows = batch_of(window, n=3, seed=5)["x"][:, 0].numpy() * 40.0
+
+        def made(model: PrecipitationModel) -> np.ndarray:
+            return model.reconstruct(windows)
+
+    out = made(packaged)
     assert out.shape == (3, *window) and out.dtype == np.float32
     assert np.isfinite(out).all() and (out >= 0).all() and (out <= 40.0 + 1e-3).all()
     again = PrecipitationModel.load(packaged.save(tmp_path / "m"))
     assert again.name == name and again.window == window
-    assert np.array_equal(again.sample(3, seed=5), out)
+    assert np.array_equal(made(again), out)
     assert packaged.tags()["model"] == name
+
+
+# what a conditional scenario needs to be a valid request (never read: refused before)
+CONDITIONS = {
+    kind: {"condition": {"data": "/tmp/never-read.zarr", "time": "2000-01-01T00:00"}}
+    for kind in ("interpolation", "forecast")
+} | {"extension": {"length": 8}}
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_scenarios_a_family_does_not_serve_are_refused_naming_what_serves_them(name):
+    from cloudburst.ensembles.generate import EnsembleError, check_kind
+    from cloudburst.ensembles.request import EnsembleRequest
+
+    entry = registry.family(name)
+    if not entry.scenarios:
+        assert not entry.plays(Generative), f"{name} samples but serves no scenario"
+    for scenario in registry.SCENARIOS:
+        if scenario in entry.scenarios:
+            continue
+        request = EnsembleRequest.model_validate(
+            {
+                "model": f"models:/{name}-model/1",
+                "members": 4,
+                "output": "/tmp/never-written.zarr",
+                "scenario": {"kind": scenario, **CONDITIONS.get(scenario, {})},
+            }
+        )
+        others = [f.name for f in registry.families() if scenario in f.scenarios]
+        with pytest.raises(EnsembleError, match=f"is a {name} model") as refused:
+            check_kind(request, name, f"models:/{name}-model/1")
+        message = str(refused.value)
+        assert all(k in message for k in entry.scenarios), message
+        if others:
+            assert f"{scenario} is served by" in message and others[0] in message, message
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -165,6 +219,13 @@ def test_declared_roles_are_honoured_and_the_others_refused_by_name(name):
             assert net.reconstruct(x).shape == x.shape
         if entry.plays(TransformedInput):
             assert net.to_model_space(x).shape == x.shape
+        if entry.plays(Translator):
+            assert net.translate(x).shape == x.shape
+        if entry.plays(DiscreteCoder):
+            codes = net.encode_codes(x)
+            assert codes.dtype == torch.int64 and codes.shape[:2] == (2, window[0])
+            assert 0 <= int(codes.min()) and int(codes.max()) < net.codebook_size
+            assert net.decode_codes(codes).shape == x.shape
     if entry.plays(ConditionalSampler):
         mask = torch.zeros_like(x, dtype=torch.bool)
         mask[:, :, :2] = True

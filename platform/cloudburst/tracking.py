@@ -52,6 +52,7 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from cloudburst.models.package import METADATA_FILE, PrecipitationModel  # noqa: E402
+from cloudburst.models.roles import Generative  # noqa: E402
 
 DEFAULT_EXPERIMENT = "cloudburst"
 PARAM_VALUE_LIMIT = 500  # MLflow servers before 2.x-era migrations cap param values at 500 chars
@@ -290,7 +291,8 @@ def log_config(config: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[
 class PrecipitationPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc face of a :class:`PrecipitationModel` (artifact ``package``: its folder).
 
-    ``predict(x)``: x float32 (n, time, y, x) physical units -> reconstruction, same shape.
+    ``predict(x)``: x float32 (n, time, y, x) physical units -> reconstruction, same shape (a
+    model trained on a pair of variables: the translation, in the target's units).
     """
 
     def __init__(self) -> None:
@@ -310,7 +312,9 @@ class PrecipitationPyfunc(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        return self.loaded().reconstruct(np.asarray(model_input, dtype=np.float32))
+        package = self.loaded()
+        x = np.asarray(model_input, dtype=np.float32)
+        return package.translate(x) if package.target is not None else package.reconstruct(x)
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         return self.loaded().sample(n, seed)
@@ -385,7 +389,11 @@ def log_model(
         folder = packaged.save(Path(tmp) / PACKAGE_ARTIFACT)
         code = Path(tmp) / "cloudburst_model.py"
         code.write_text(_MODEL_CODE)
-        example = packaged.sample(2, seed=0)
+        if packaged.plays(Generative):
+            example = packaged.sample(2, seed=0)
+        else:  # an input window at the data's mean (the model reconstructs or translates it)
+            mean = float((packaged.stats or {}).get("mean") or 0.0)
+            example = np.full((2, *packaged.window), mean, dtype=np.float32)
         with _run(run_id, experiment):
             info = mlflow.pyfunc.log_model(
                 name="model",

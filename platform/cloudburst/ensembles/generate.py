@@ -95,7 +95,10 @@ def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
             f"(known: {', '.join(registry.names())})"
         ) from None
     if s.kind not in entry.scenarios:
-        served = ", ".join(k for k in registry.SCENARIOS if k in entry.scenarios)
+        served = (
+            ", ".join(k for k in registry.SCENARIOS if k in entry.scenarios)
+            or "none (it does not sample)"
+        )
         others = sorted(
             f.name for f in registry.families() if s.kind in f.scenarios and f.name != kind
         )

@@ -344,16 +344,17 @@ class ConvRegression(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         self.losses = []
-        for step in range(int(steps)):
-            idx = torch.randint(x.shape[0], (batch_size,), generator=gen)
-            xb, yb = x[idx].to(dev), y[idx].to(dev)
-            loss = torch.mean((self(xb) - yb) ** 2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            self.losses.append(float(loss.detach()))
-            if (step + 1) % 100 == 0 or step + 1 == steps:
-                log.info("conv regression step %d/%d: mse %.6g", step + 1, steps, self.losses[-1])
+        with torch.enable_grad():  # also when called from code that turned gradients off
+            for step in range(int(steps)):
+                idx = torch.randint(x.shape[0], (batch_size,), generator=gen)
+                xb, yb = x[idx].to(dev), y[idx].to(dev)
+                loss = torch.mean((self(xb) - yb) ** 2)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                self.losses.append(float(loss.detach()))
+                if (step + 1) % 100 == 0 or step + 1 == steps:
+                    log.info("conv regression step %d/%d: mse %.6g", step + 1, steps, loss.item())
         self.eval()
         return self
 

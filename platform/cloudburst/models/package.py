@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from cloudburst.models.roles import (
     ConditionalSampler,
     Generative,
     Reconstructor,
+    Translator,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "METADATA_FILE",
     "WEIGHTS_FILE",
     "PrecipitationModel",
+    "TargetField",
     "config_dict",
     "family_config",
 ]
@@ -62,6 +65,16 @@ def family_config(name: str, config: Mapping[str, Any]) -> BaseModel:
     return entry.config.model_validate({**dict(config), "kind": name})
 
 
+@dataclass(frozen=True)
+class TargetField:
+    """The variable a translating model predicts: its name, its transformation (physical ->
+    model space, as the input's) and its statistics (JSON form)."""
+
+    variable: str
+    transform: Transform
+    stats: dict[str, Any] | None = None
+
+
 class PrecipitationModel:
     """A trained network plus what maps its outputs to physical units.
 
@@ -71,6 +84,11 @@ class PrecipitationModel:
     ``stats``: the store's ``StoreStats`` (dict or object, may be None);
     ``dry_threshold``: physical values below it come out as exactly 0 (None: no threshold;
     see :mod:`cloudburst.models.dry`). It is part of the package: saved, loaded, tagged.
+
+    A model trained on a pair of variables (``data.input`` -> ``data.target``, e.g. infrared
+    to visible imagery) also has ``input_variable`` and ``target``: the target variable's
+    name, its transformation (its model space -> its physical units) and its statistics;
+    ``transform`` and ``stats`` are then the input variable's.
     """
 
     def __init__(
@@ -82,8 +100,13 @@ class PrecipitationModel:
         transform: Transform,
         stats: StoreStats | Mapping[str, Any] | None = None,
         dry_threshold: float | None = None,
+        *,
+        input_variable: str | None = None,
+        target: TargetField | None = None,
     ) -> None:
         self.model = model.eval()
+        self.input_variable = input_variable
+        self.target = target
         self.name = name
         self.family = registry.family(name)
         self.config = config_dict(config)
@@ -161,6 +184,31 @@ class PrecipitationModel:
             out = self.complete(arr, tensor)
         return out[0] if single else out
 
+    def translate(self, x: np.ndarray) -> np.ndarray:
+        """The target variable for physical windows (n, time, y, x) of the input variable, in
+        the target's physical units, float32 alike (a model trained on a pair only). NaN in
+        the input are filled with its minimum before the transformation."""
+        if self.target is None:
+            raise ValueError(
+                f"this {self.name!r} model was not trained on a pair of variables "
+                "(data.input and data.target); it has nothing to translate to"
+            )
+        net = self.network(Translator)
+        arr = np.asarray(x, dtype=np.float32)
+        single = arr.ndim == 3
+        if single:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ValueError(f"expected windows (n, time, y, x), got {tuple(np.shape(x))}")
+        low = float((self.stats or {}).get("min") or 0.0)
+        filled = np.where(np.isnan(arr), np.float32(low), arr)
+        model_space = np.asarray(self.transform.forward(filled), dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(model_space))[:, None].to(self.device)
+        with torch.no_grad():
+            y = net.translate(tensor).detach().float().cpu().numpy()[:, 0]
+        out = np.asarray(self.target.transform.inverse(y), dtype=np.float32)
+        return out[0] if single else out
+
     def complete(self, arr: np.ndarray, known: torch.Tensor, seed: int = 0) -> np.ndarray:
         """Fill the NaN of physical windows ``arr`` by conditional sampling (reconstruction
         guidance); ``known``: ``arr`` in model space (n, 1, time, y, x). The known values come
@@ -200,6 +248,9 @@ class PrecipitationModel:
         }
         if self.units:
             tags["units"] = self.units
+        if self.target is not None:
+            tags["input"] = str(self.input_variable)
+            tags["target"] = self.target.variable
         tags["dry_threshold"] = "none" if self.dry_threshold is None else f"{self.dry_threshold:g}"
         scope = (self.stats or {}).get("scope")
         if scope:
@@ -222,6 +273,18 @@ class PrecipitationModel:
             "stats": self.stats,
             "units": self.units,
             "dry_threshold": self.dry_threshold,
+            **(
+                {
+                    "input_variable": self.input_variable,
+                    "target": {
+                        "variable": self.target.variable,
+                        "transform": self.target.transform.state(),
+                        "stats": self.target.stats,
+                    },
+                }
+                if self.target is not None
+                else {}
+            ),
             "cloudburst": __version__,
             "torch": str(torch.__version__),
         }
@@ -261,4 +324,12 @@ class PrecipitationModel:
             transforms_mod.from_state(meta["transform"]),
             meta.get("stats"),
             meta.get("dry_threshold"),
+            input_variable=meta.get("input_variable"),
+            target=TargetField(
+                meta["target"]["variable"],
+                transforms_mod.from_state(meta["target"]["transform"]),
+                meta["target"].get("stats"),
+            )
+            if meta.get("target")
+            else None,
         )

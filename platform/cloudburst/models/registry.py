@@ -8,10 +8,10 @@ default learning rate and the extra metrics it reports each epoch. Training, pac
 evaluation, ensembles and the endpoint read the entry; none of them names a family.
 
 Adding a family is one module with its network and one ``register(ModelFamily(...))`` call
-(see README, "Adding a model"). The built-in families (``vae``, ``diffusion``) are registered
-on first use, and so are the families of other packages: modules named in the environment
-variable ``CLOUDBURST_MODEL_FAMILIES`` (comma-separated; ``module`` registers on import,
-``module:ATTR`` names a :class:`ModelFamily`) and entry points of the group
+(see README, "Adding a model"). The built-in families (``vae``, ``diffusion``, ``vqvae``) are
+registered on first use, and so are the families of other packages: modules named in the
+environment variable ``CLOUDBURST_MODEL_FAMILIES`` (comma-separated; ``module`` registers on
+import, ``module:ATTR`` names a :class:`ModelFamily`) and entry points of the group
 ``cloudburst.models``. Training workers import the same modules as their driver.
 """
 
@@ -78,7 +78,9 @@ class EpochProbe:
     ``x``: (n, 1, time, y, x) model space, ``mask``: bool alike, ``transform``: the data
     transformation (model space <-> physical units), ``edges``: the store's histogram edges
     in physical units, ``epoch``: the epoch being scored (from 0; training sets it each
-    epoch, so a family may score only every k-th epoch).
+    epoch, so a family may score only every k-th epoch); ``target``: for a model trained on
+    a pair of variables, the target windows (n, 1, time, y, x) in the target's model space,
+    else None.
     """
 
     x: Any
@@ -86,6 +88,7 @@ class EpochProbe:
     transform: Any
     edges: Any
     epoch: int = 0
+    target: Any = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class ModelFamily:
     - ``build(config, window)``: the network for windows (time, y, x);
     - ``roles``: the role Protocols its networks play (:mod:`cloudburst.models.roles`);
     - ``scenarios``: ensemble scenario kinds it serves (each needs its role, see
-      ``SCENARIO_ROLES``);
+      ``SCENARIO_ROLES``); empty for a family that does not sample (a VQ-VAE);
     - ``learning_rate(config)``: the default when ``train.lr`` is not given;
     - ``tags(config)``: registry version tags beside model, window, transform and units;
     - ``epoch_metrics(network, probe)``: extra validation metrics each epoch (names
@@ -163,6 +166,7 @@ class ModelFamily:
 
 
 PLUGINS_ENV = "CLOUDBURST_MODEL_FAMILIES"
+BUILTIN = ("vae", "diffusion", "vqvae")
 ENTRY_POINT_GROUP = "cloudburst.models"
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -183,7 +187,7 @@ def register(entry: ModelFamily, *, replace: bool = False) -> ModelFamily:
 
 def unregister(name: str) -> None:
     """Forget family ``name`` (built-in families cannot be removed)."""
-    if name in ("vae", "diffusion"):
+    if name in BUILTIN:
         raise ValueError(f"{name!r} is a built-in family")
     if _FAMILIES.pop(name, None) is not None:
         _changed()
@@ -300,3 +304,7 @@ def _load_builtin() -> None:
         from cloudburst.models.diffusion import FAMILY as diffusion_family
 
         _FAMILIES["diffusion"] = diffusion_family
+    if "vqvae" not in _FAMILIES:
+        from cloudburst.models.vqvae import FAMILY as vqvae_family
+
+        _FAMILIES["vqvae"] = vqvae_family

@@ -4,8 +4,9 @@ A model family declares its roles in its registry entry (:mod:`cloudburst.models
 code that needs a role asks for it with :func:`require` (or :func:`plays`), never by probing
 for attribute names. A declared role is also checked structurally (``isinstance`` against the
 Protocol), so a family cannot claim a role its networks do not implement; a role that is
-implemented but not declared is not played: a VQ-VAE has ``encode``/``decode`` but is not a
-:class:`LatentModel` (its code is discrete, its prior is not N(0, I)).
+implemented but not declared is not played: a VQ-VAE encodes and decodes (a
+:class:`DiscreteCoder`) but is not a :class:`LatentModel` (its code is discrete, it has no
+prior over codes, so it does not sample either).
 
 Conventions shared by every role: tensors are (batch, channel, time, y, x) with one channel;
 "model space" is what the training loader yields for the store: precipitation mapped to
@@ -26,6 +27,7 @@ __all__ = [
     "ROLES",
     "Condition",
     "ConditionalSampler",
+    "DiscreteCoder",
     "Generative",
     "LatentModel",
     "NoiseSteerable",
@@ -33,6 +35,7 @@ __all__ = [
     "RoleError",
     "Trainable",
     "TransformedInput",
+    "Translator",
     "role_name",
 ]
 
@@ -86,6 +89,11 @@ class Trainable(Protocol):
     ``loss(batch)``: ``batch["x"]`` (n, 1, time, y, x) float in model space and
     ``batch["mask"]`` bool alike (True = valid value) -> (scalar loss tensor with gradients,
     dict of float metrics for logging, ``"loss"`` among them).
+
+    A batch of paired windows (translation) also holds ``batch["target"]`` (n, 1, time, y, x)
+    float in the target variable's model space and, optionally, ``batch["target_mask"]`` bool
+    alike (absent: ``batch["mask"]`` applies to the target too); a family that translates
+    learns to map ``x`` to ``target``, the others ignore both keys.
     """
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]: ...
@@ -127,6 +135,39 @@ class Reconstructor(Protocol):
     the same shape, model space."""
 
     def reconstruct(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Translator(Protocol):
+    """Maps windows of one variable to windows of another (e.g. infrared to visible).
+
+    ``translate(x)``: (n, 1, time, y, x) in the model space of the input variable -> (n, 1,
+    time, y, x) in the model space of the target variable, deterministic, the same shape.
+    """
+
+    def translate(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class DiscreteCoder(Protocol):
+    """Compresses windows to integer codes of a finite codebook and back.
+
+    ``encode_codes(x)``: (n, 1, time, y, x) model space -> int64 (n, time', y', x'), each
+    in [0, codebook_size); ``decode_codes(indices)``: int64 (n, time', y', x') -> (n, 1,
+    time'', y'', x'') model space (the network's downsampling undone, so a window whose sizes
+    its factors divide comes back at its own shape); ``codebook_size``: the number of codes;
+    ``codebook_vectors()``: float32 (codebook_size, code_dim), code k's vector in row k (what
+    a codes store keeps beside the codes).
+    """
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    def codebook_vectors(self) -> Tensor: ...
+
+    def encode_codes(self, x: Tensor) -> Tensor: ...
+
+    def decode_codes(self, indices: Tensor) -> Tensor: ...
 
 
 @runtime_checkable
@@ -187,6 +228,8 @@ ROLES: tuple[type, ...] = (
     ConditionalSampler,
     NoiseSteerable,
     TransformedInput,
+    Translator,
+    DiscreteCoder,
 )
 
 R = TypeVar("R")

@@ -1,9 +1,11 @@
 """Scores in physical units, shared by training (every epoch, ``val_``) and evaluation (the
 registered model, ``eval_``).
 
-- :func:`reconstruction_scores` (latent models): quantized MSE per bin of the store's
+- :func:`reconstruction_scores` (latent models) and :func:`reconstructor_scores` (any
+  deterministic reconstruction, e.g. a VQ-VAE's): quantized MSE per bin of the store's
   histogram, its top 5 / 10 bins, the 0.99 / 0.999 quantiles of inputs and reconstructions
-  with their relative errors, the mean bias, the wet fractions and the active latent units;
+  with their relative errors, the mean bias, the wet fractions (and, for latent models, the
+  active latent units);
 - :func:`sample_scores` (generative models): samples against reference windows: the relative
   quantile errors, the mean bias, the wet fractions and the spatial power spectrum's error.
 
@@ -23,7 +25,7 @@ import torch
 
 from cloudburst.evaluation.spectra import radial_psd
 from cloudburst.models.losses import active_units, quantized_mse
-from cloudburst.models.roles import LatentModel
+from cloudburst.models.roles import LatentModel, Reconstructor
 
 __all__ = [
     "PSD_FLOOR",
@@ -34,6 +36,8 @@ __all__ = [
     "psd_error",
     "qmse_metrics",
     "reconstruction_scores",
+    "reconstructor_scores",
+    "score_reconstruction",
     "relative_error",
     "sample_scores",
 ]
@@ -164,14 +168,11 @@ def reconstruction_scores(
     prefix: str = "val_",
     batch_size: int = 64,
 ) -> Reconstruction:
-    """Reconstruct ``x`` (model space) and score it in physical units on the valid pixels.
+    """Reconstruct ``x`` (model space) through the posterior mean and score it in physical
+    units on the valid pixels.
 
-    Metrics: quantized MSE per non-empty bin of ``edges`` and its top 5 / 10 bins
-    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` /
-    ``{prefix}q0.99_error`` (and 0.999), ``{prefix}mean_bias``, ``{prefix}wet_fraction``,
-    ``{prefix}observed_wet_fraction`` (:func:`distribution_scores`, reconstructions against
-    inputs) and ``{prefix}active_units`` of the encoder means. ``model`` runs where its
-    parameters are.
+    Metrics: those of :func:`reconstructor_scores`, and ``{prefix}active_units`` of the
+    encoder means. ``model`` runs where its parameters are.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -182,14 +183,58 @@ def reconstruction_scores(
         mus.append(mu.float().cpu())
         outs.append(model.decode(mu).float().cpu())
     model.train(was_training)
-    phys, phys_hat = physical(transform, x), physical(transform, torch.cat(outs))
+    rec = score_reconstruction(x, torch.cat(outs), mask, transform, edges, prefix=prefix)
+    mu_all = torch.cat(mus)
+    rec.metrics[f"{prefix}active_units"] = float(active_units(mu_all)) if len(mu_all) > 1 else 0.0
+    return rec
+
+
+@torch.no_grad()
+def reconstructor_scores(
+    model: Reconstructor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    transform: Any,
+    edges: Any,
+    *,
+    prefix: str = "val_",
+    batch_size: int = 64,
+) -> Reconstruction:
+    """Reconstruct ``x`` (model space) with ``model.reconstruct`` (a deterministic
+    reconstruction, e.g. through a codebook) and score it as :func:`score_reconstruction`.
+    ``model`` runs where its parameters are."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = [model.reconstruct(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)]
+    model.train(was_training)
+    return score_reconstruction(x, torch.cat(outs), mask, transform, edges, prefix=prefix)
+
+
+def score_reconstruction(
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    mask: torch.Tensor,
+    transform: Any,
+    edges: Any,
+    *,
+    prefix: str = "val_",
+) -> Reconstruction:
+    """Score reconstructions ``x_hat`` of ``x`` (both (n, 1, time, y, x) model space) in
+    physical units on the valid pixels of ``mask``.
+
+    Metrics: quantized MSE per non-empty bin of ``edges`` and its top 5 / 10 bins
+    (:func:`qmse_metrics`), ``{prefix}q0.99_input`` / ``{prefix}q0.99_recon`` /
+    ``{prefix}q0.99_error`` (and 0.999), ``{prefix}mean_bias``, ``{prefix}wet_fraction``,
+    ``{prefix}observed_wet_fraction`` (:func:`distribution_scores`, reconstructions against
+    inputs).
+    """
+    phys, phys_hat = physical(transform, x), physical(transform, x_hat)
     edges_t = torch.as_tensor(np.asarray(edges), dtype=torch.float64)
     mse, counts = quantized_mse(phys, phys_hat, edges_t, mask)
     metrics = qmse_metrics(mse, counts, prefix)
     valid = mask.to(torch.bool)
     metrics.update(distribution_scores(phys[valid], phys_hat[valid], prefix, "recon"))
-    mu_all = torch.cat(mus)
-    metrics[f"{prefix}active_units"] = float(active_units(mu_all)) if len(mu_all) > 1 else 0.0
     return Reconstruction(phys, phys_hat, mse, counts, metrics)
 
 

@@ -18,7 +18,8 @@ from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.samples import split_stats
 from cloudburst.data.transforms import for_data
-from cloudburst.models.package import PrecipitationModel
+from cloudburst.models.package import PrecipitationModel, TargetField
+from cloudburst.models.roles import Generative
 from cloudburst.training import ray_train
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ def dry_threshold(cfg: TrainJobConfig, packaged: PrecipitationModel) -> float | 
     from cloudburst.models import dry
 
     setting = cfg.train.dry_threshold
-    if setting == "none":
+    if setting == "none" or cfg.data.target is not None:
+        return None
+    if setting == "auto" and not packaged.plays(Generative):
+        log.info("no dry threshold: a %s model does not sample", packaged.name)
         return None
     if not isinstance(setting, str):
         mlflow.log_metric("dry_threshold", float(setting))
@@ -159,15 +163,25 @@ def fit(
             "use_gpu": use_gpu,
         }
     )
-    stats, scope = split_stats(cfg)  # the model never sees the test years' statistics
+    # the model never sees the test years' (or frames') statistics
+    stats, scope = split_stats(cfg, variable=cfg.data.input)
     mlflow.log_params({"stats_scope": scope[:500], "stats_max": stats.max})
     log.info("statistics of the %s", scope)
+    target, target_stats = None, None
+    if cfg.data.target is not None:
+        target_stats, _ = split_stats(cfg, variable=cfg.data.target)
+        target = TargetField(
+            cfg.data.target,
+            for_data(target_stats, cfg.data.scaling, cfg.data.transform),
+            {**target_stats.to_dict(), "scope": scope},
+        )
     trainer = ray_train.make_trainer(
         cfg,
         use_gpu=use_gpu,
         tracking_uri=uri,
         mlflow_run_id=run_id,
         train_stats=stats.to_dict(),
+        target_stats=None if target_stats is None else target_stats.to_dict(),
         callbacks=callbacks,
     )
     result = trainer.fit()
@@ -183,6 +197,8 @@ def fit(
         window,
         for_data(stats, cfg.data.scaling, cfg.data.transform),
         {**stats.to_dict(), "scope": scope},
+        input_variable=cfg.data.input,
+        target=target,
     )
     packaged.dry_threshold = dry_threshold(cfg, packaged)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

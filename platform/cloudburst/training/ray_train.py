@@ -25,8 +25,8 @@ import torch
 
 from cloudburst import arrow_fs, compat, storage
 from cloudburst.config import TrainJobConfig
-from cloudburst.data.ingest import StoreStats, open_store
-from cloudburst.data.loader import WindowDataset, make_loader
+from cloudburst.data.ingest import StoreStats, open_store, variable_stats
+from cloudburst.data.loader import WindowDataset, data_variables, dataset_for, make_loader
 from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
 from cloudburst.models import registry
@@ -42,7 +42,9 @@ PROBE_WINDOWS = 512  # validation windows per rank scored in physical units ever
 def _data(cfg: TrainJobConfig) -> tuple[Any, Any, Any, Any]:
     opts = storage.options_from(cfg.data.store, cfg.storage)
     ds, stats = open_store(cfg.data.store, opts)
-    index = build_index(ds, cfg.data.windows)
+    if cfg.data.input is not None:
+        stats = variable_stats(cfg.data.store, opts)[cfg.data.input]
+    index = build_index(ds, cfg.data.windows, variables=data_variables(cfg.data))
     return (
         opts,
         stats,
@@ -76,10 +78,27 @@ def train_worker(config: dict[str, Any]) -> None:
         "shuffle_buffer_blocks": cfg.data.loader.shuffle_buffer_blocks,
         "prefetch_requests": cfg.data.loader.prefetch_requests,
     }
-    train_ds = WindowDataset(cfg.data.store, train_idx, shuffle=True, seed=cfg.train.seed, **common)
-    val_ds = WindowDataset(
-        cfg.data.store, val_idx if len(val_idx) else train_idx, shuffle=False, **common
-    )
+    if cfg.data.target is None:
+        train_ds = WindowDataset(
+            cfg.data.store, train_idx, shuffle=True, seed=cfg.train.seed, **common
+        )
+        val_ds = WindowDataset(
+            cfg.data.store, val_idx if len(val_idx) else train_idx, shuffle=False, **common
+        )
+    else:  # a pair: input and target, each scaled by its own (training split's) statistics
+        by_variable = {
+            cfg.data.target: StoreStats.from_dict(config["target_stats"])
+            if config.get("target_stats")
+            else variable_stats(cfg.data.store, opts)[cfg.data.target],
+            str(cfg.data.input): stats,
+        }
+        pair = {"storage_options": opts}
+        train_ds = dataset_for(
+            cfg.data, train_idx, by_variable, shuffle=True, seed=cfg.train.seed, **pair
+        )
+        val_ds = dataset_for(
+            cfg.data, val_idx if len(val_idx) else train_idx, by_variable, shuffle=False, **pair
+        )
 
     family = cfg.family
     model = registry.build(family.name, cfg.model, train_idx.shape)
@@ -104,8 +123,10 @@ def train_worker(config: dict[str, Any]) -> None:
         _log_worker_params(config, ctx.get_world_size(), device, mixed)
     probe = None
     if family.epoch_metrics is not None:
-        probe_x, probe_mask = _probe_windows(val_ds, PROBE_WINDOWS)
-        probe = EpochProbe(probe_x, probe_mask, transform, stats.histogram_edges)
+        probe_x, probe_mask, probe_target = _probe_windows(val_ds, PROBE_WINDOWS)
+        probe = EpochProbe(
+            probe_x, probe_mask, transform, stats.histogram_edges, target=probe_target
+        )
     with _system_metrics(config if rank == 0 else {}):
         for epoch in range(start_epoch, cfg.train.epochs):
             train_ds.set_epoch(epoch)
@@ -254,15 +275,20 @@ def world_mean(metrics: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, values.tolist(), strict=True))
 
 
-def _probe_windows(dataset: WindowDataset, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` windows of this rank's validation shard: scored every epoch."""
-    xs, masks = [], []
+def _probe_windows(
+    dataset: WindowDataset, limit: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first ``limit`` windows of this rank's validation shard: scored every epoch
+    (with their targets, for a pair)."""
+    xs, masks, targets = [], [], []
     for item in dataset:
         if len(xs) >= limit:
             break
         xs.append(item["x"])
         masks.append(item["mask"])
-    return torch.stack(xs), torch.stack(masks)
+        if "target" in item:
+            targets.append(item["target"])
+    return torch.stack(xs), torch.stack(masks), torch.stack(targets) if targets else None
 
 
 def absolute_paths(cfg: TrainJobConfig) -> TrainJobConfig:
@@ -288,10 +314,12 @@ def make_trainer(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     train_stats: dict[str, Any] | None = None,
+    target_stats: dict[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """The TorchTrainer for ``cfg`` (not started); rank 0 logs epochs to ``mlflow_run_id``.
     ``train_stats``: the statistics the workers scale and bin with (default: the store's);
+    ``target_stats``: the target variable's, for a pair (default: the store's);
     ``callbacks``: Ray Train user callbacks (a sweep trial's ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -306,6 +334,7 @@ def make_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "model_modules": registry.plugin_modules(),
             "train_stats": train_stats,
+            "target_stats": target_stats,
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
             "system_metrics_interval": cfg.run.system_metrics_interval,

@@ -3,6 +3,7 @@
     POST   /v1/ensembles              an EnsembleRequest (JSON) -> 202 {"id", "status", "output"}
     GET    /v1/ensembles/{id}         status, members done, output URL, error
     DELETE /v1/ensembles/{id}         cancel (also POST /v1/ensembles/{id}/cancel)
+    POST   /v1/translations           a TranslationRequest -> 202; GET, DELETE as above
     GET    /v1/models                 registered models, versions and aliases
     GET    /healthz                   liveness
 
@@ -26,6 +27,9 @@ Object storage is reached with the server's storage settings of the prefix a pla
 a request carrying its own ``storage`` is refused. Messages name places as the caller wrote
 them, or by prefix, never by the server's absolute paths or storage endpoints.
 
+Translation and codes jobs (:mod:`cloudburst.serving.translations`) share the state store,
+the queue bound, deadlines, cancellation and the retries of a job whose replica died.
+
 ``build(args)`` is the application builder that ``serve run`` / ``serve deploy`` call with the
 ``args`` of a Serve config (see jobs/configs/serve.yaml); :class:`ServeSettings` lists them.
 """
@@ -43,12 +47,18 @@ from pydantic import ValidationError
 from ray import serve
 
 from cloudburst import storage, tracking
-from cloudburst.config import StorageConfig
-from cloudburst.serving.body import parse_json, read_body
+from cloudburst.serving.body import parse_json, read_body, validation_message, without_storage
 from cloudburst.serving.drive import JobDriver, JobFailed
 from cloudburst.serving.generator import MODELS_PER_REPLICA, EnsembleGenerator, job_store
-from cloudburst.serving.jobs import JOB_ID, TERMINAL, JobStopped, deadline_message
+from cloudburst.serving.jobs import (
+    JOB_ID,
+    PRODUCT_KINDS,
+    TERMINAL,
+    JobStopped,
+    deadline_message,
+)
 from cloudburst.serving.settings import ApiError, ServeSettings
+from cloudburst.serving.translations import ProductChecks
 
 __all__ = ["TERMINAL", "ApiError", "EnsembleAPI", "EnsembleGenerator", "ServeSettings", "build"]
 
@@ -56,10 +66,6 @@ log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 DEADLINE_GRACE_S = 60.0  # the ingress stops waiting this long after a job's deadline
-
-
-def validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -85,6 +91,8 @@ class EnsembleAPI:
         self.reserved = 0  # queue slots held by submissions still being checked
         self.steered_sizes: dict[str, int | None] = {}
         self.recovered = False
+        self.products = ProductChecks(self.settings, self.tracking_uri, MODELS_PER_REPLICA)
+        self.writing: dict[str, str] = {}  # translation job id -> its resolved output
 
     async def _recover(self) -> None:
         """Once per replica, on its first authenticated request: drive again the jobs an
@@ -227,7 +235,12 @@ class EnsembleAPI:
         job_id = record["id"]
         task = asyncio.get_running_loop().create_task(self._run(record, request))
         self.tasks[job_id] = task
-        task.add_done_callback(lambda _: self.tasks.pop(job_id, None))
+
+        def ended(_: asyncio.Task) -> None:
+            self.tasks.pop(job_id, None)
+            self.writing.pop(job_id, None)
+
+        task.add_done_callback(ended)
 
     async def _run(self, record: dict[str, Any], request: dict[str, Any] | None) -> None:
         """Hand the job to a generator replica; again (it resumes) if that replica dies.
@@ -291,7 +304,8 @@ class EnsembleAPI:
             wait = max(0.0, deadline - time.time()) + DEADLINE_GRACE_S
             try:
                 drive = JobDriver(self.jobs, self.settings, handle)
-                await asyncio.wait_for(drive.run(job_id, request), timeout=wait)
+                one = drive.product if record.get("kind") in PRODUCT_KINDS else drive.run
+                await asyncio.wait_for(one(job_id, request), timeout=wait)
                 return
             except TimeoutError:
                 message = deadline_message(
@@ -357,27 +371,12 @@ class EnsembleAPI:
             body = parse_json(await read_body(request, s.max_body_bytes))
             if not isinstance(body, dict):
                 raise ApiError(400, "the body must be a JSON object (an ensemble request)")
-            if body.get("storage") not in (None, {}, StorageConfig().model_dump()):
-                raise ApiError(
-                    400,
-                    "storage: this server reaches object storage with its own settings for "
-                    "each allowed prefix; remove storage from the request (operators set it "
-                    "per prefix in allowed_prefixes and data_prefixes)",
-                )
             try:
-                req = EnsembleRequest.model_validate(body)
+                req = EnsembleRequest.model_validate(without_storage(body))
             except ValidationError as exc:
                 raise ApiError(422, validation_message(exc)) from None
             req = self._bounded(req)
-            # a queue slot is taken here, before any await, and given back on every refusal
-            if len(self.tasks) + self.reserved >= s.max_queue:
-                raise ApiError(
-                    429,
-                    f"{len(self.tasks) + self.reserved} jobs in flight (max_queue "
-                    f"{s.max_queue}); retry later",
-                )
-            self.reserved += 1
-            reserved = True
+            reserved = self._reserve()
             engine_req = await asyncio.to_thread(self._places, req)
             prefix = s.output_prefix(engine_req.output)
             checked = engine_req.model_copy(update={"storage": s.storage_for(engine_req.output)})
@@ -430,13 +429,76 @@ class EnsembleAPI:
             status_code=202,
         )
 
+    def _reserve(self) -> bool:
+        """Take a queue slot (429 when ``max_queue`` jobs are in flight or being checked);
+        call before any await, and give it back (``reserved -= 1``) once the job is driven
+        or refused."""
+        s = self.settings
+        if len(self.tasks) + self.reserved >= s.max_queue:
+            raise ApiError(
+                429,
+                f"{len(self.tasks) + self.reserved} jobs in flight (max_queue "
+                f"{s.max_queue}); retry later",
+            )
+        self.reserved += 1
+        return True
+
+    @api.post("/v1/translations", status_code=202)
+    async def submit_translation(self, request: Request) -> Any:
+        checks = self.products
+        job_id = uuid.uuid4().hex
+        reserved = driven = False
+        try:
+            await self._authenticated(request)
+            body = parse_json(await read_body(request, self.settings.max_body_bytes))
+            asked = checks.parsed(body)
+            reserved = self._reserve()
+            checked = await asyncio.to_thread(checks.places, asked)
+            # held from here (no await between the look and the hold) until the job ends
+            if checked.output in self.writing.values():
+                raise ApiError(
+                    409,
+                    f"output {asked.output} is being written by another job; wait for it, "
+                    "or choose another output",
+                )
+            self.writing[job_id] = checked.output
+            version_uri, roles = await asyncio.to_thread(checks.pinned, checked)
+            await asyncio.to_thread(checks.check_input, checked, roles)
+            record, stored = checks.record(job_id, asked, checked, version_uri)
+            await asyncio.to_thread(self.jobs.create, record, stored)
+            self._drive(record, stored)
+            driven = True
+        except ApiError as exc:
+            return error_response(exc)
+        finally:
+            if reserved:
+                self.reserved -= 1
+            if not driven:
+                self.writing.pop(job_id, None)
+        return JSONResponse(
+            {
+                "id": job_id,
+                "kind": asked.kind,
+                "status": "queued",
+                "input": asked.input,
+                "output": asked.output,
+                "model": version_uri,
+            },
+            status_code=202,
+        )
+
     def _job_id(self, job_id: str) -> str:
         if not JOB_ID.match(job_id):
             raise ApiError(400, "a job id is 32 hexadecimal digits, as POST answered")
         return job_id
 
-    @api.get("/v1/ensembles/{job_id}")
-    async def status(self, job_id: str, request: Request) -> Any:
+    @staticmethod
+    def _kind_matches(record: dict[str, Any] | None, product: bool) -> bool:
+        """Whether ``record`` is a job of the route's kind (a product job or an ensemble)."""
+        return record is not None and (record.get("kind") in PRODUCT_KINDS) == product
+
+    async def _status(self, job_id: str, request: Request, product: bool) -> Any:
+        what = "translation" if product else "ensemble"
         try:
             await self._authenticated(request)
             if not job_id.isalnum():
@@ -444,20 +506,40 @@ class EnsembleAPI:
             view = None
             if JOB_ID.match(job_id):
                 view = await asyncio.to_thread(self.jobs.view, job_id)
-            if view is None:
-                raise ApiError(404, f"no ensemble job {job_id}")
+            if view is None or ("kind" in view) != product:
+                raise ApiError(404, f"no {what} job {job_id}")
         except ApiError as exc:
             return error_response(exc)
         return view
 
+    @api.get("/v1/ensembles/{job_id}")
+    async def status(self, job_id: str, request: Request) -> Any:
+        return await self._status(job_id, request, product=False)
+
+    @api.get("/v1/translations/{job_id}")
+    async def translation_status(self, job_id: str, request: Request) -> Any:
+        return await self._status(job_id, request, product=True)
+
+    @api.delete("/v1/translations/{job_id}")
+    async def cancel_translation(self, job_id: str, request: Request) -> Any:
+        return await self._cancel(job_id, request, product=True)
+
+    @api.post("/v1/translations/{job_id}/cancel")
+    async def cancel_translation_post(self, job_id: str, request: Request) -> Any:
+        return await self._cancel(job_id, request, product=True)
+
     @api.delete("/v1/ensembles/{job_id}")
     async def cancel(self, job_id: str, request: Request) -> Any:
+        return await self._cancel(job_id, request, product=False)
+
+    async def _cancel(self, job_id: str, request: Request, product: bool) -> Any:
+        what = "translation" if product else "ensemble"
         try:
             await self._authenticated(request)
             self._job_id(job_id)
             record = await asyncio.to_thread(self.jobs.get, job_id)
-            if record is None:
-                raise ApiError(404, f"no ensemble job {job_id}")
+            if not self._kind_matches(record, product):
+                raise ApiError(404, f"no {what} job {job_id}")
             if record.get("status") in ("done", "failed"):
                 raise ApiError(
                     409, f"job {job_id} is already {record['status']}; there is nothing to stop"

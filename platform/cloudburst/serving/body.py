@@ -8,7 +8,9 @@ import math
 from typing import Any
 
 from fastapi import Request
+from pydantic import ValidationError
 
+from cloudburst.config import StorageConfig
 from cloudburst.serving.settings import ApiError
 
 MAX_JSON_DEPTH = 16  # an ensemble request nests 4 deep (body, scenario, condition, list)
@@ -98,3 +100,22 @@ def parse_json(raw: bytes) -> Any:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "the body is not valid JSON") from None
+
+
+def without_storage(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` without an empty ``storage`` section (a client's default asks for nothing);
+    400 when it asks for storage settings of its own: the server reaches object storage with
+    its settings for each prefix only."""
+    if body.get("storage") not in (None, {}, StorageConfig().model_dump()):
+        raise ApiError(
+            400,
+            "storage: this server reaches object storage with its own settings for "
+            "each allowed prefix; remove storage from the request (operators set it "
+            "per prefix in allowed_prefixes and data_prefixes)",
+        )
+    return body
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A request model's refusal: each field's path and what was wrong with it."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())

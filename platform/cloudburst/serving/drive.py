@@ -1,4 +1,4 @@
-"""How the ingress drives one ensemble job over the generator replicas.
+"""How the ingress drives one job over the generator replicas.
 
 One drive (:meth:`JobDriver.run`): ``plan`` on a replica (open the store, what is left), then
 ``screen`` draw blocks (rejecting scenarios) and ``write`` member chunks as separate calls that
@@ -8,6 +8,9 @@ large job spreads over every replica while concurrent jobs share them chunk by c
 every answer: once stopped, no new call is made and queued ones skip their work. A replica
 dying raises out of the drive: the ingress drives the job again, and the new plan holds only
 the chunks still missing.
+
+A translation (or codes) job is one call (:meth:`JobDriver.product`): the replica writes the
+whole derived store, stopping between blocks once the job is stopped.
 """
 
 from __future__ import annotations
@@ -114,6 +117,26 @@ class JobDriver:
             seconds=round(time.perf_counter() - t0, 3),
             acceptance_rate=final["acceptance_rate"],
             model_version=final["model_version"],
+        )
+
+    async def product(self, job_id: str, request: dict[str, Any]) -> None:
+        """One drive of a translation (or codes) job: a single call on a replica, which
+        writes the whole store (or keeps it when an earlier run of the same request
+        finished it) and stops between blocks once the job is cancelled or past its
+        deadline. A replica dying raises out of here: the next drive writes it again."""
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self.jobs.update, job_id, status="running")
+        answer = await self.handle.translate.remote(job_id, request)
+        if "skipped" in answer:
+            stop = await asyncio.to_thread(self.jobs.stop_reason, job_id)
+            raise stop or JobFailed(str(answer["skipped"]))
+        summary = answered(answer)["summary"]
+        await asyncio.to_thread(
+            self.jobs.update,
+            job_id,
+            status="done",
+            summary=summary,
+            seconds=round(time.perf_counter() - t0, 3),
         )
 
     async def spread(

@@ -7,7 +7,8 @@ every replica and concurrent requests interleave at chunk granularity:
 - ``plan``: open (create or reopen) the output store; what is left to write;
 - ``screen``: the accepted draws of one draw block (rejecting scenarios);
 - ``write``: one member chunk, written whole with its progress record;
-- ``finish``: the completion marker.
+- ``finish``: the completion marker;
+- ``translate``: the whole store of a translation (or codes) job, in blocks of time steps.
 
 Every call reloads nothing but what its replica lacks: models are multiplexed by pinned
 version URI (least recently used evicted) and a job's bound generator (its proposal and its
@@ -203,5 +204,21 @@ class EnsembleGenerator:
                 "acceptance_rate": float(marker.get("acceptance_rate", 1.0)),
                 "model_version": model.version_uri,
             }
+
+        return await asyncio.to_thread(self.guarded, request, work)
+
+    async def translate(self, job_id: str, request_json: dict[str, Any]) -> dict[str, Any]:
+        """Write a translation (or codes) job's whole store (see
+        :func:`cloudburst.serving.translations.run_product`): ``{"summary": ...}``,
+        ``{"skipped": why}`` once the job was stopped, or ``{"error": ...}``."""
+        from cloudburst.serving.translations import TranslationRequest, run_product
+
+        request = TranslationRequest.model_validate(request_json)
+        model = await self.model_for(request)
+
+        def work() -> dict[str, Any]:
+            return run_product(
+                self.jobs, self.settings, job_id, request, model.packaged, model.version_uri
+            )
 
         return await asyncio.to_thread(self.guarded, request, work)

@@ -9,6 +9,9 @@ Per job, under ``state_url``:
 - ``cancelled/ID``: the cancellation mark, written once and never removed, so that no later
   write (a replica finishing a chunk, a recovery) can bring the job back.
 
+A translation (or codes) job's main record has ``kind`` (:data:`PRODUCT_KINDS`), its input
+and output, and once done the summary of the store it made; its progress counts time steps.
+
 A job leaves a terminal status (:data:`TERMINAL`) never; a cancelled job reads as cancelled
 whatever its main record says.
 """
@@ -23,6 +26,7 @@ from typing import Any
 from cloudburst import storage
 
 TERMINAL = ("done", "failed", "cancelled")
+PRODUCT_KINDS = ("translate", "codes")  # jobs that make one derived store (not ensembles)
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -109,10 +113,12 @@ class JobStore:
 
     # ------------------------------------------------------------ progress and stops
 
-    def set_progress(self, job_id: str, members_done: int) -> None:
-        self._write(
-            self._url(job_id, "progress"), {"members_done": members_done, "updated": time.time()}
-        )
+    def set_progress(self, job_id: str, members_done: int, total: int | None = None) -> None:
+        """Members (of a translation: time steps) written so far, of ``total``."""
+        record: dict[str, Any] = {"members_done": members_done, "updated": time.time()}
+        if total is not None:
+            record["total"] = total
+        self._write(self._url(job_id, "progress"), record)
 
     def members_done(self, job_id: str) -> int | None:
         found = self._read(self._url(job_id, "progress"))
@@ -148,6 +154,8 @@ class JobStore:
         record = self.get(job_id)
         if record is None:
             return None
+        if record.get("kind") in PRODUCT_KINDS:
+            return self.product_view(record)
         keys = ("id", "status", "members", "members_done", "output", "model_version", "error")
         out = {k: record.get(k) for k in keys}
         done = self.members_done(job_id)
@@ -156,6 +164,24 @@ class JobStore:
         if self.cancelled(job_id):
             out["status"] = "cancelled"
         for extra in ("seconds", "acceptance_rate", "attempts", "halted_at", "deadline_s"):
+            if extra in record:
+                out[extra] = record[extra]
+        return out
+
+    def product_view(self, record: dict[str, Any]) -> dict[str, Any]:
+        """What GET answers about a translation (or codes) job: its progress in time steps
+        while it runs, the store's summary once done."""
+        job_id = record["id"]
+        keys = ("id", "kind", "status", "model_version", "input", "output", "error")
+        out = {k: record.get(k) for k in keys}
+        if self.cancelled(job_id):
+            out["status"] = "cancelled"
+        if out["status"] != "done":
+            found = self._read(self._url(job_id, "progress"))
+            if found is not None:
+                out["steps_done"] = int(found["members_done"])
+                out["steps"] = found.get("total")
+        for extra in ("summary", "seconds", "attempts", "deadline_s"):
             if extra in record:
                 out[extra] = record[extra]
         return out

@@ -217,21 +217,22 @@ class ServeSettings(BaseModel):
             )
         return target, prefix
 
-    def check_source(self, url: str) -> tuple[str, StorePrefix]:
-        """(resolved condition store URL, its prefix), or :class:`ApiError`."""
-        check_name("scenario.condition.data", url)
+    def check_source(
+        self, url: str, field: str = "scenario.condition.data"
+    ) -> tuple[str, StorePrefix]:
+        """(resolved URL of a store to read, its prefix), or :class:`ApiError`; ``field``
+        names it in messages."""
+        check_name(field, url)
         if storage.protocol_of(url) not in ("file", "s3", "gs"):
-            raise ApiError(
-                400, f"scenario.condition.data {url}: give a local path, s3:// or gs:// URL"
-            )
-        target = self.canonical(url, "scenario.condition.data")
+            raise ApiError(400, f"{field} {url}: give a local path, s3:// or gs:// URL")
+        target = self.canonical(url, field)
         prefix = self._match(target, self.sources())
         state = self.canonical(self.state_url)
         if prefix is None or within(target, state):
             names = ", ".join(p.name or "" for p in self.sources())
             raise ApiError(
                 403,
-                f"scenario.condition.data {url} is outside the readable data prefixes "
+                f"{field} {url} is outside the readable data prefixes "
                 f"{names} (symbolic links and '..' followed); ingest the data under one of them",
             )
         return target, prefix
@@ -299,6 +300,11 @@ class ServeSettings(BaseModel):
             if found is not None:
                 return found.storage
         return StorageConfig()
+
+    def source_storage(self, url: str) -> StorageConfig:
+        """How the server reaches a store it reads (one it accepted under a data prefix)."""
+        found = self._match(self.canonical(url, "url"), self.sources())
+        return StorageConfig() if found is None else found.storage
 
     # ------------------------------------------------------------ messages
 

@@ -179,3 +179,46 @@ def test_a_vqvae_learns_a_translation_and_the_job_writes_it(tmp_path):
     refused = translate(str(tmp_path / "no.zarr"), "--variable", "ir", expect=2)
     assert "nir" in refused.stderr and "vis" in refused.stderr
     assert not (tmp_path / "no.zarr").exists()
+
+
+def test_a_translating_package_round_trips_in_physical_units(tmp_path):
+    """Saved and loaded, a package trained on a pair translates the same input to the same
+    target values, in the target's units (its own scaling, not the input's)."""
+    import torch
+
+    from cloudburst.data.transforms import Scale
+    from cloudburst.models import registry
+    from cloudburst.models.package import PrecipitationModel, TargetField
+
+    torch.manual_seed(0)
+    entry = registry.family("vqvae")
+    cfg = entry.config.model_validate({"kind": "vqvae", **entry.small})
+    window = (1, 8, 8)
+    net = registry.build("vqvae", cfg, window)
+    target = TargetField("vis", Scale(50.0, 700.0, "unit"), {"units": "1", "min": 50.0})
+    package = PrecipitationModel(
+        net,
+        "vqvae",
+        cfg,
+        window,
+        Scale(0.0, 860.0, "unit"),
+        {"units": "1"},
+        input_variable="nir",
+        target=target,
+    )
+    x = np.random.default_rng(1).uniform(0, 860, (3, *window)).astype(np.float32)
+    made = package.translate(x)
+    # the network's output in [0, 1] (sigmoid) mapped onto the target's range [50, 700]
+    assert made.shape == x.shape and made.min() >= 50.0 and made.max() <= 700.0
+    with torch.no_grad():
+        u = net.translate(torch.from_numpy(x / 860.0)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(made, 50.0 + 650.0 * u, rtol=1e-5)
+    loaded = PrecipitationModel.load(package.save(tmp_path / "pkg"))
+    assert loaded.input_variable == "nir" and loaded.target is not None
+    assert loaded.target.variable == "vis"
+    np.testing.assert_array_equal(loaded.translate(x), made)
+    assert package.tags()["target"] == "vis" and package.tags()["input"] == "nir"
+    # a package without a target has nothing to translate to
+    plain = PrecipitationModel(net, "vqvae", cfg, window, Scale(0.0, 860.0, "unit"), None)
+    with pytest.raises(ValueError, match="pair of variables"):
+        plain.translate(x)

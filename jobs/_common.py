@@ -20,6 +20,13 @@ from cloudburst import environment  # noqa: E402
 environment.apply_defaults()  # no usage reporting; what the user exported wins
 
 
+def take_verbose(argv: list[str] | None) -> tuple[list[str], bool]:
+    """(the arguments without ``--verbose``, whether it was given): every job takes it, and
+    then shows Ray's and MLflow's own INFO chatter and Cloudburst's DEBUG records."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return [a for a in args if a != "--verbose"], "--verbose" in args
+
+
 def setup_logging(verbose: bool = False) -> None:
     """The job's console: ``cloudburst`` log records at INFO (DEBUG with ``verbose``) on
     stderr, one short line each; other libraries' loggers stay at WARNING. A job's result is

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import load_job_config, setup_logging
+from _common import load_job_config, setup_logging, take_verbose
 from cloudburst.config import DatasetJobConfig, TrainJobConfig, load_config
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset, make_loader
@@ -29,7 +29,8 @@ ENSEMBLE_MEMBERS = 256
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    argv, verbose = take_verbose(argv)
+    setup_logging(verbose)
     argv = list(sys.argv[1:] if argv is None else argv)
     do_train = "--no-train" not in argv
     argv = [a for a in argv if a != "--no-train"]

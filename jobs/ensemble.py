@@ -135,7 +135,8 @@ def workers_of(value: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _common.setup_logging()
+    argv, verbose = _common.take_verbose(argv)
+    _common.setup_logging(verbose)
     try:
         tree, tracking_uri, workers = parse(argv)
     except ConfigError as exc:

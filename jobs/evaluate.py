@@ -83,7 +83,8 @@ def parse(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _common.setup_logging()
+    argv, verbose = _common.take_verbose(argv)
+    _common.setup_logging(verbose)
     _common.refuse_nul(argv, "evaluate")
     tree, args = parse(argv)
     try:

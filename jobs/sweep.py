@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import setup_logging, validation_lines
+from _common import setup_logging, take_verbose, validation_lines
 from cloudburst.config import ConfigError, load_config
 from cloudburst.training.job import PREFLIGHT_ERRORS
 from cloudburst.tuning.config import SweepConfig
@@ -66,7 +66,8 @@ def holdout_table(rows: list[dict], metric: str, bias: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    argv, verbose = take_verbose(argv)
+    setup_logging(verbose)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a sweep config (jobs/configs/sweep-*.yaml)")
     parser.add_argument("--resume", metavar="NAME", help="continue the sweep NAME")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from _common import load_job_config, setup_logging
+from _common import load_job_config, setup_logging, take_verbose
 from cloudburst.config import TrainJobConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    argv, verbose = take_verbose(argv)
+    setup_logging(verbose)
     cfg = load_job_config(TrainJobConfig, argv, __doc__.splitlines()[0], "train")
     # Ray and MLflow load only for a config that validates
     from cloudburst.evaluation.report import train_and_evaluate

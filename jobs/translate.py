@@ -28,14 +28,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--codes", action="store_true", help="write the codes instead")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint of the stores")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     _common.refuse_nul(argv, "translate")
+    argv, verbose = _common.take_verbose(argv)
     args = parse(argv)
-    _common.setup_logging(args.verbose)
+    _common.setup_logging(verbose)
     from cloudburst import storage
     from cloudburst.config import StorageConfig
     from cloudburst.data.ingest import StoreError

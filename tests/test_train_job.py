@@ -102,9 +102,22 @@ def test_trains_registers_and_resumes(tmp_path, store):
     assert client.get_run(run_id).data.params["stats_scope"] == packaged.stats["scope"][:500]
     assert tags["stats_scope"] == packaged.stats["scope"]
 
+    # the console: one line per epoch with the few metrics that matter; per-bin metrics in
+    # MLflow only; Ray Train's own records and every report's dict stay off it
+    console = first.stdout + first.stderr
+    assert console.count("epoch 1/1: train_loss") == 1
+    assert "val_qmse_top5" in console and "samples/s" in console
+    assert "qmse_bin" not in console
+    assert "Reporting training result" not in console
+    assert "Moving model to device" not in console
+
     # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
-    second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me")
+    second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me", "--verbose")
     assert second.returncode == 0, second.stderr[-3000:]
+    # with --verbose the libraries' records are back; each epoch line is still said once
+    chatty = second.stdout + second.stderr
+    assert "Reporting training result" in chatty
+    assert chatty.count("epoch 2/2: train_loss") == 1
     assert "model: models:/cloudburst-vae-demo/2" in second.stdout
     run2 = second.stdout.split("run: ")[1].split()[0]
     steps = [m.step for m in client.get_metric_history(run2, "val_loss")]

@@ -155,11 +155,54 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+VERBOSE_ENV = "CLOUDBURST_VERBOSE"  # "1": the libraries' own INFO records too, in every process
+QUIET = (
+    "ray",
+    "ray.train",  # Ray Train sets its own level in its processes
+    "ray.tune",
+    "ray.serve",
+    "ray.data",
+    "mlflow",
+    "urllib3",
+    "botocore",
+    "s3fs",
+    "filelock",
+    "alembic",
+    "httpx",
+)
+
+
+def verbose() -> bool:
+    """Whether ``--verbose`` (``CLOUDBURST_VERBOSE=1``) asked for the libraries' chatter."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def quiet_libraries(chatty: bool | None = None) -> None:
+    """Ray's, MLflow's and the storage clients' loggers at WARNING (their INFO lines are
+    chatter on a job's console), or back at INFO when ``chatty`` (default: :func:`verbose`).
+    MLflow, which sets its own level when imported, and its artifact progress bars follow
+    through ``MLFLOW_LOGGING_LEVEL`` and ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` (a value
+    the user exported wins), also in the processes this one starts."""
+    chatty = verbose() if chatty is None else chatty
+    level = logging.INFO if chatty else logging.WARNING
+    for name in QUIET:
+        logging.getLogger(name).setLevel(level)
+    if chatty:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true"
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def setup_logging(verbose: bool = False) -> logging.Logger:
     """Show Cloudburst's log records on stderr: INFO and above (DEBUG with ``verbose``), one
-    short line each. Other libraries' loggers are left as they are (WARNING and above reach
-    stderr through Python's last-resort handler). Idempotent; returns the ``cloudburst``
-    logger."""
+    short line each. Other libraries' loggers stay at WARNING (their INFO chatter is back with
+    ``verbose``, which also sets ``CLOUDBURST_VERBOSE`` for the processes this one starts).
+    Idempotent; returns the ``cloudburst`` logger."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_libraries(verbose or None)
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from cloudburst import arrow_fs, compat, storage
+from cloudburst import arrow_fs, compat, environment, storage
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.ingest import StoreStats, open_store, variable_stats
 from cloudburst.data.loader import WindowDataset, data_variables, dataset_for, make_loader
@@ -31,6 +32,7 @@ from cloudburst.data.transforms import for_data
 from cloudburst.data.windows import build_index, split_index
 from cloudburst.models import registry
 from cloudburst.models.registry import EpochProbe
+from cloudburst.training import console
 from cloudburst.training.loop import EarlyStopping, LossModule, MeanMetrics, evaluate, train_steps
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,12 @@ def train_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     registry.load_plugins(config.get("model_modules", ()))  # the driver's model families
+    # this worker's records on its stderr (Ray forwards it to the driver), once: not again
+    # through the root logger's handlers, which Ray Train points at the console at INFO for
+    # everything else in the process (its per-report lines among them): WARNING unless verbose
+    chatty = bool(config.get("verbose"))
+    environment.setup_logging(chatty).propagate = False
+    logging.getLogger().setLevel(logging.INFO if chatty else logging.WARNING)
     cfg = TrainJobConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -134,6 +142,12 @@ def train_worker(config: dict[str, Any]) -> None:
             loader = make_loader(
                 train_ds, cfg.data.loader.batch_size, num_workers=cfg.data.loader.num_workers
             )
+            bar = console.progress_bar(
+                cfg.train.max_steps_per_epoch,
+                f"epoch {epoch + 1}/{cfg.train.epochs}",
+                enabled=rank == 0 and bool(config.get("progress")),
+            )
+            started, samples = time.perf_counter(), 0
             for metrics in train_steps(
                 step_module,
                 loader,
@@ -142,7 +156,12 @@ def train_worker(config: dict[str, Any]) -> None:
                 mixed_precision=mixed,
                 max_steps=cfg.train.max_steps_per_epoch,
             ):
-                mean.update(metrics, int(metrics.pop("batch_size")))
+                n = int(metrics.pop("batch_size"))
+                mean.update(metrics, n)
+                samples += n
+                bar.update(1)
+            bar.close()
+            rate = samples / max(time.perf_counter() - started, 1e-9)
             val = evaluate(
                 core,
                 itertools.islice(
@@ -160,10 +179,11 @@ def train_worker(config: dict[str, Any]) -> None:
             if family.epoch_metrics is not None and probe is not None:
                 # the family's own scores on this rank's fixed probe windows
                 report.update(family.epoch_metrics(core, dataclasses.replace(probe, epoch=epoch)))
-            if rank == 0 and family.epoch_warning is not None:
-                warning = family.epoch_warning(cfg.model, report)
+            if rank == 0:
+                log.info(console.epoch_line(epoch, cfg.train.epochs, report, family.metrics, rate))
+                warning = family.epoch_warning and family.epoch_warning(cfg.model, report)
                 if warning:
-                    log.warning("epoch %d: %s", epoch, warning)
+                    log.warning("epoch %d: %s", epoch + 1, warning)
             stop = stopper.step(report["val_loss"])
             report["best_val_loss"] = stopper.best
             if rank == 0 and config.get("mlflow_run_id"):
@@ -173,7 +193,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     _write_checkpoint(folder, core, optimizer, stopper, report, epoch)
                     ckpt = Checkpoint.from_directory(folder)
-                ray.train.report(report, checkpoint=ckpt)
+                ray.train.report(console.reported(report), checkpoint=ckpt)
             if stop:
                 break
 
@@ -321,7 +341,13 @@ def make_trainer(
     ``train_stats``: the statistics the workers scale and bin with (default: the store's);
     ``target_stats``: the target variable's, for a pair (default: the store's);
     ``callbacks``: Ray Train user callbacks (a sweep trial's ``TuneReportCallback``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -334,6 +360,8 @@ def make_trainer(
             "cfg": cfg.model_dump(mode="json"),
             "model_modules": registry.plugin_modules(),
             "train_stats": train_stats,
+            "verbose": environment.verbose(),
+            "progress": console.bars_wanted(),
             "target_stats": target_stats,
             "tracking_uri": tracking_uri,
             "mlflow_run_id": mlflow_run_id,
@@ -355,6 +383,9 @@ def make_trainer(
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
+            # Ray Train's own records (worker groups, checkpoints, every report as a dict):
+            # warnings only on the console, all of it with --verbose
+            logging_config=LoggingConfig(log_level="INFO" if environment.verbose() else "WARNING"),
         ),
     )
 

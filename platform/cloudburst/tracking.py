@@ -51,6 +51,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from cloudburst import registry_notes  # noqa: E402
 from cloudburst.models.package import METADATA_FILE, PrecipitationModel  # noqa: E402
 from cloudburst.models.roles import Generative  # noqa: E402
 
@@ -417,7 +418,9 @@ def register_model(
     """Register a logged model (:func:`log_model`) as a version of ``name`` with ``tags``
     and ``alias``; returns (version, ``models:/NAME/VERSION``). If anything fails once the
     version exists, the version is deleted again (and the registered model too if this call
-    created it and it is left empty), then :class:`TrackingError` is raised."""
+    created it and it is left empty), then :class:`TrackingError` is raised. The version and
+    the model are then described (:func:`cloudburst.registry_notes.describe_registration`;
+    a failure there is only a warning)."""
     client = MlflowClient()
     version_tags = {str(k): str(v) for k, v in tags.items()}
     existed = _registered_model_exists(client, name)
@@ -435,6 +438,7 @@ def register_model(
         if isinstance(exc, TrackingError):
             raise
         raise TrackingError(f"registering {model_uri} as {name!r} failed: {exc}") from exc
+    registry_notes.describe_registration(name, version, client=client)  # warns, never raises
     return version, f"models:/{name}/{version}"
 
 
@@ -497,10 +501,13 @@ def load_model(
     uri: str, *, tracking_uri: str | None = None, map_location: str = "cpu"
 ) -> PrecipitationModel:
     """A registered or logged model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-    ``runs:/ID/model``) or a package folder, ready for ``.sample`` and ``.reconstruct``.
+    ``runs:/ID/model``) or a package folder, ready for ``.sample`` and ``.reconstruct``
+    (and their labelled twins ``.sample_array``...). ``uri`` is recorded on it (``.uri``).
     """
     if Path(uri).is_dir() and (Path(uri) / METADATA_FILE).exists():
-        return PrecipitationModel.load(uri, map_location)
+        package = PrecipitationModel.load(uri, map_location)
+        package.uri = str(uri)  # provenance of its labelled results
+        return package
     if tracking_uri is not None:
         check_tracking(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
@@ -515,6 +522,7 @@ def load_model(
     package = wrapper.loaded()
     if map_location != "cpu":
         package.model.to(map_location)
+    package.uri = uri  # provenance of its labelled results (sample_array...)
     return package
 
 

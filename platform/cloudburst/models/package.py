@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from cloudburst.models.roles import (
     Reconstructor,
     Translator,
 )
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = [
     "FORMAT_VERSION",
@@ -89,6 +92,14 @@ class PrecipitationModel:
     to visible imagery) also has ``input_variable`` and ``target``: the target variable's
     name, its transformation (its model space -> its physical units) and its statistics;
     ``transform`` and ``stats`` are then the input variable's.
+
+    ``uri``: where the package was loaded from (:func:`cloudburst.tracking.load_model` records
+    it; None for a package made in this process). It is provenance only, never saved.
+
+    The numpy methods (``sample``, ``reconstruct``, ``translate``) have labelled twins
+    (``sample_array``, ``reconstruct_array``, ``translate_array``) giving
+    :class:`xarray.DataArray` with dims, coordinates, CF units and the model's provenance;
+    see :mod:`cloudburst.models.arrays`.
     """
 
     def __init__(
@@ -122,6 +133,7 @@ class PrecipitationModel:
         if dry_threshold is not None and not (float(dry_threshold) >= 0.0):
             raise ValueError(f"dry_threshold must be >= 0 or None, got {dry_threshold}")
         self.dry_threshold = None if dry_threshold is None else float(dry_threshold)
+        self.uri: str | None = None
 
     # ------------------------------------------------------------------------- roles
 
@@ -208,6 +220,29 @@ class PrecipitationModel:
             y = net.translate(tensor).detach().float().cpu().numpy()[:, 0]
         out = np.asarray(self.target.transform.inverse(y), dtype=np.float32)
         return out[0] if single else out
+
+    # ------------------------------------------------------------ labelled (xarray) results
+
+    def sample_array(self, n: int, seed: int = 0) -> xr.DataArray:
+        """:meth:`sample` as an ``xarray.DataArray`` (sample, time, y, x) named ``precip``,
+        with coordinates, CF units and provenance (the seed too)."""
+        from cloudburst.models import arrays
+
+        return arrays.sample_array(self, n, seed)
+
+    def reconstruct_array(self, x: xr.DataArray | np.ndarray) -> xr.DataArray:
+        """:meth:`reconstruct` of windows ((n,) time, y, x) as an ``xarray.DataArray``; a
+        DataArray input keeps its dims and coordinates."""
+        from cloudburst.models import arrays
+
+        return arrays.reconstruct_array(self, x)
+
+    def translate_array(self, x: xr.DataArray | np.ndarray) -> xr.DataArray:
+        """:meth:`translate` as an ``xarray.DataArray`` named after the target variable, in
+        its units; a DataArray input keeps its dims and coordinates."""
+        from cloudburst.models import arrays
+
+        return arrays.translate_array(self, x)
 
     def complete(self, arr: np.ndarray, known: torch.Tensor, seed: int = 0) -> np.ndarray:
         """Fill the NaN of physical windows ``arr`` by conditional sampling (reconstruction

@@ -4,7 +4,9 @@
 (:mod:`cloudburst.evaluation.figures`), :func:`conditional_figures` the skill of conditional
 stores by step; :func:`save_figures` writes them as PNG under ``OUT/figures``,
 :func:`write_metrics` writes ``OUT/metrics.json`` atomically (:func:`nan_to_none` first: JSON
-has no NaN), and :func:`log_to_mlflow` logs both to a run linked to the models' runs.
+has no NaN), and :func:`log_to_mlflow` logs both to a run linked to the models' runs and adds
+the scores to the descriptions of the registered versions evaluated
+(:func:`cloudburst.registry_notes.record_published_evaluation`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cloudburst import tracking
+from cloudburst import registry_notes, tracking
 from cloudburst.evaluation import figures
 from cloudburst.evaluation.entries import Entry
 from cloudburst.evaluation.observations import FieldSummary, Observed, top_windows
@@ -290,4 +292,19 @@ def log_to_mlflow(
         for e in entries:
             if e.source.get("run_id"):
                 client.set_tag(e.source["run_id"], "last_evaluation_run", rid)
+        figure_paths = [f"figures/{p.name}" for p in paths] + [f"{metrics_path.name}"]
+        for e in entries:  # registered versions: their descriptions and gate metric tags
+            if e.kind == "model" and str(e.source.get("version_uri") or "").startswith("models:/"):
+                registry_notes.record_published_evaluation(
+                    str(e.source["version_uri"]),
+                    run_id=rid,
+                    label=e.label,
+                    metrics=e.metrics,
+                    data=request.data,
+                    split=str(report["data"]["split"]),
+                    figures=figure_paths,
+                    family=e.source.get("model"),
+                    others=[o.label for o in entries if o is not e],
+                    client=client,
+                )
     return rid

@@ -26,7 +26,7 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from cloudburst import tracking
+from cloudburst import registry_notes, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.samples import split_windows
 from cloudburst.evaluation import figures
@@ -132,7 +132,7 @@ GENERATIVE_FIGURES = ("samples", "intensity_histograms", "transformation")
 
 CODER_FIGURES = ("reconstructions", "qq_reconstruction", "quantized_mse")
 BASELINE_STEPS = 300  # Adam steps of the convolutional regression baseline
-BASELINE_MAX_PARAMETERS = 200_000  # its size: the translator's, up to this many parameters
+BASELINE_MAX_PARAMETERS = 50_000  # its size: the translator's, up to this many parameters
 
 
 def _log_translation_evaluation(
@@ -344,8 +344,9 @@ def _model_label(packaged: PrecipitationModel) -> str:
 
 def train_and_evaluate(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> TrainingOutcome:
     """The training job: :func:`~cloudburst.training.job.run_training`, then
-    :func:`log_evaluation` of the registered model into its run. A failed evaluation is
-    logged as a warning; the model stays registered."""
+    :func:`log_evaluation` of the registered model into its run, and its scores and figures
+    into the version's description (:func:`cloudburst.registry_notes.record_evaluation`). A
+    failed evaluation is logged as a warning; the model stays registered."""
     outcome = run_training(cfg, sizes, uri)
     assert outcome.packaged is not None
     try:
@@ -355,4 +356,8 @@ def train_and_evaluate(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> 
     else:
         top = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if "_top" in k)
         log.info("evaluation figures and scores logged (%s)", top or "no bins")
+        # the version's description gets the scores and figures (warns, never raises)
+        registry_notes.record_evaluation(
+            cfg.run.registered_model, outcome.version, outcome.run_id, outcome.metrics
+        )
     return outcome

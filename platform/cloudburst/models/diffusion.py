@@ -336,4 +336,11 @@ FAMILY = ModelFamily(
         "val_wet_fraction",
         "val_psd_spatial_error",
     ),
+    description=(
+        "A continuous-time v-prediction diffusion model (3D U-Net) of precipitation windows "
+        "(time, y, x) with an input transformation (none, sqrt or learnt) (Herbert, "
+        '"Diffusion Models for Time-Evolving Precipitation Fields"). It samples new windows '
+        "and, with reconstruction guidance, completes partly known ones: it serves the "
+        "unconditional, extreme, interpolation, forecast and extension ensemble scenarios."
+    ),
 )

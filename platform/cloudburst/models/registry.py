@@ -8,7 +8,7 @@ default learning rate and the extra metrics it reports each epoch. Training, pac
 evaluation, ensembles and the endpoint read the entry; none of them names a family.
 
 Adding a family is one module with its network and one ``register(ModelFamily(...))`` call
-(see README, "Adding a model"). The built-in families (``vae``, ``diffusion``, ``vqvae``) are
+(see docs/how-to/add-model.md). The built-in families (``vae``, ``diffusion``, ``vqvae``) are
 registered on first use, and so are the families of other packages: modules named in the
 environment variable ``CLOUDBURST_MODEL_FAMILIES`` (comma-separated; ``module`` registers on
 import, ``module:ATTR`` names a :class:`ModelFamily`) and entry points of the group
@@ -113,7 +113,10 @@ class ModelFamily:
     - ``metrics``: the names of the per-epoch validation metrics ``epoch_metrics`` reports
       (beside the losses): what a sweep may rank trials on;
     - ``small``: overrides of its config that make a network small enough for CPU tests
-      and smoke runs.
+      and smoke runs;
+    - ``description``: what the family is and what its models are for, a few sentences of
+      Markdown: the description of its registered models in MLflow
+      (:mod:`cloudburst.registry_notes`), or None.
     """
 
     name: str
@@ -129,6 +132,7 @@ class ModelFamily:
     sampler_settings: bool = False
     small: Mapping[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = ()
+    description: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():

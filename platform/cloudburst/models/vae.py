@@ -243,4 +243,12 @@ FAMILY = ModelFamily(
         "val_wet_fraction",
         "val_active_units",
     ),
+    description=(
+        "A 3D ResNet variational autoencoder of precipitation windows (time, y, x), trained "
+        "with a quantized reconstruction loss that weighs the rare heavy-rain bins of the "
+        "store's histogram (Szwarcman et al., \"Quantizing reconstruction losses for improving "
+        'weather data synthesis"). It reconstructs windows, samples new ones from its '
+        "Gaussian latent space and steers the latent code towards extremes: it serves the "
+        "unconditional and extreme ensemble scenarios."
+    ),
 )

@@ -432,4 +432,11 @@ FAMILY = ModelFamily(
         "val_psnr",
         "val_mae",
     ),
+    description=(
+        "A vector-quantised autoencoder (VQ-VAE): windows are encoded to codes of a learnt "
+        "codebook and decoded back. Trained on a pair of variables it translates one into the "
+        "other (e.g. infrared bands to nighttime visible satellite imagery); trained on one "
+        "variable it compresses the field to discrete codes. It has no prior over codes, so "
+        "it does not sample and serves no ensemble scenario."
+    ),
 )

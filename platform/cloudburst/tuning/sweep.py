@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudburst import arrow_fs, storage, tracking
+from cloudburst import arrow_fs, registry_notes, storage, tracking
 from cloudburst.config import TrainJobConfig, load_config
 from cloudburst.models import registry
 from cloudburst.schema import ConfigError
@@ -450,6 +450,21 @@ def _finish(prepared: Prepared, grid: Any, parent: str, experiment_id: str) -> S
         }
         outcome.version, outcome.model_uri = tracking.register_model(
             str(best["model_uri"]), name=name, tags=tags, alias="candidate"
+        )
+        registry_notes.record_sweep(  # warns, never raises
+            name,
+            outcome.version,
+            sweep=sweep.name,
+            parent_run_id=parent,
+            trial=str(best["trial_id"]),
+            chosen={k[len("param:") :]: v for k, v in best.items() if k.startswith("param:")},
+            objective=sweep.objective.metric,
+            mode=sweep.objective.mode,
+            value=value,
+            reason=selection.reason,
+            trials=counts,
+            figures=[f"figures/{n}" for n in names],
+            client=client,
         )
         client.log_metric(parent, f"best_{sweep.objective.metric}", value)
         client.set_tag(parent, "cloudburst.sweep.best_trial", best["trial_id"])

@@ -21,14 +21,14 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export NO_GCE_CHECK ?= true
 export GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT ?= false
 
-.PHONY: demo test lint format bench serve install clean stack-up stack-down
+.PHONY: demo test lint format bench serve mlflow install clean stack-up stack-down docs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24,<26"
 	# torch alone and first, from its exact pin: a CPU machine then never pulls a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,deploy]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,deploy,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,12 +37,12 @@ demo: $(STAMP)
 	$(BIN)/python jobs/demo.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs tests benchmarks infra
-	$(BIN)/ruff format --check platform jobs tests benchmarks infra
+	$(BIN)/ruff check platform jobs tests benchmarks infra docs
+	$(BIN)/ruff format --check platform jobs tests benchmarks infra docs
 
 format: $(STAMP)
-	$(BIN)/ruff format platform jobs tests benchmarks infra
-	$(BIN)/ruff check --fix platform jobs tests benchmarks infra
+	$(BIN)/ruff format platform jobs tests benchmarks infra docs
+	$(BIN)/ruff check --fix platform jobs tests benchmarks infra docs
 
 test: lint
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
@@ -51,9 +51,22 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/ensemble.py
 
-# the ensemble endpoint on embedded defaults: http://127.0.0.1:8000 (see README)
+# the ensemble endpoint on embedded defaults: http://127.0.0.1:8000 (docs/how-to/endpoint.md)
 serve: $(STAMP)
 	$(BIN)/serve run jobs/configs/serve.yaml
+
+# the MLflow UI on the local store (outputs/mlflow, where jobs log without a tracking URI):
+# http://127.0.0.1:$(MLFLOW_PORT). MLflow's job-execution workers (huey consumers, GenAI jobs)
+# are off whatever the environment says: browsing runs and models needs none of them.
+MLFLOW_PORT ?= 5000
+mlflow: $(STAMP)
+	@mkdir -p outputs/mlflow/artifacts
+	@echo "MLflow UI on outputs/mlflow/mlflow.db at http://127.0.0.1:$(MLFLOW_PORT)," \
+		"job execution off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no huey workers)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
+		--backend-store-uri sqlite:///outputs/mlflow/mlflow.db \
+		--artifacts-destination outputs/mlflow/artifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # the whole stack on loopback: Ray head + worker node, MLflow server, S3 server (moto), with
 # the commands to run the jobs on it; state in outputs/stack (infra/local/stack.py --help)
@@ -63,5 +76,10 @@ stack-up: $(STAMP)
 stack-down:
 	$(BIN)/python infra/local/stack.py down $(STACK_ARGS)
 
+# the documentation site (mkdocs.yml, docs/) built strictly into site/: a broken link or
+# reference fails; `$(BIN)/mkdocs serve` shows it while editing
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) outputs site .pytest_cache .ruff_cache

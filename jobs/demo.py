@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"      model: {outcome.model_uri} (alias candidate), run {outcome.run_id}")
         print(
             "      look at:  .venv/bin/cloudburst models list\n"
-            f"                .venv/bin/mlflow ui --backend-store-uri {uri}"
+            f"                make mlflow   (the MLflow UI on {uri})"
         )
         from cloudburst.ensembles.generate import generate
         from cloudburst.ensembles.request import EnsembleRequest

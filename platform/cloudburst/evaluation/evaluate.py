@@ -25,8 +25,8 @@ observed windows that meet the same threshold. A conditional store (interpolatio
 extension) is verified instead against the frames its condition withheld, beside a
 persistence or linear-interpolation baseline (:mod:`cloudburst.evaluation.conditional`).
 
-Writes ``OUT/metrics.json`` (schema :data:`SCHEMA`, see ``docs`` in README) and PNG figures
-under ``OUT/figures``, and logs both to an MLflow run linked to the models' runs
+Writes ``OUT/metrics.json`` (schema :data:`SCHEMA`, see docs/how-to/evaluation.md) and PNG
+figures under ``OUT/figures``, and logs both to an MLflow run linked to the models' runs
 (:mod:`~cloudburst.evaluation.publish`).
 """
 

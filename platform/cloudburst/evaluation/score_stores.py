@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 
 from cloudburst import storage
 from cloudburst.ensembles.store import member_chunks, read_marker, zarr_store
@@ -190,8 +191,12 @@ def evaluate_store(
         obs_summary.extreme,
         wet_threshold=obs_summary.wet_threshold,  # wet as the observed are
     )
+    # progress on a terminal only (disable=None: no bar in a log file)
+    bar = tqdm(total=int(weights.size), desc=f"summarise {url}", unit="member", disable=None)
     for chunk in member_chunks(url, options):
         summary.update(chunk["precip"], chunk["weight"])
+        bar.update(len(chunk["weight"]))
+    bar.close()
     entry.summary = summary
     generation_metrics(
         entry,
@@ -214,6 +219,7 @@ def evaluate_store(
     # half the budget for the float32 tile, half for the verifier (~160 B per element)
     budget = request.chunk_mb * 2**20
     verifier = EnsembleVerifier(thresholds, seed=request.seed, max_elements=int(budget / 2 / 160))
+    bar = tqdm(desc=f"verify {url}", unit="tile", disable=None)
     for ts, ys, tile in _store_tiles(url, options, budget / 2):
         m = tile.shape[0]
         verifier.update(
@@ -221,6 +227,8 @@ def evaluate_store(
             observed[:, ts, ys].reshape(len(observed), -1),
             weights if weighted else None,
         )
+        bar.update(1)
+    bar.close()
     split_scores(entry, verifier.compute(), prefix="clim_")
     progress(f"{entry.label}: {weights.size} members verified against {len(observed)} windows")
     return entry

@@ -18,7 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     argv, verbose = take_verbose(argv)
     setup_logging(verbose)
     cfg = load_job_config(DatasetJobConfig, argv, __doc__.splitlines()[0], "ingest")
-    print(json.dumps(prepare_dataset(cfg), indent=2))
+    summary = prepare_dataset(cfg)
+    print(json.dumps(summary, indent=2))
+    shape = "x".join(str(n) for n in summary.get("shape", []))
+    windows = summary.get("windows", {}).get("all")
+    # the summary alone on stdout (JSON); what was made and where, as the last console line
+    target = summary.get("target", cfg.ingest.target)
+    print(f"ingest: {target} ({shape}; {windows} windows)", file=sys.stderr)
     return 0
 
 

@@ -133,6 +133,7 @@ def test_ingest_job_prints_the_summary_as_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["shape"] == [60, 8, 8]
+    assert proc.stderr.strip().splitlines()[-1] == f"ingest: {target} (60x8x8; 57 windows)"
     assert summary["windows"]["all"] == 57  # one position per step, 60 - 4 + 1 starts
     assert summary["windows"]["test"] == 0
     assert summary["windows"]["train"] + summary["windows"]["val"] <= 57

@@ -50,3 +50,19 @@ def test_progress_bars_only_where_wanted(monkeypatch):
     assert not isinstance(bar, console.Silent)
     bar.update(1)
     bar.close()
+
+
+def test_a_sweeps_trial_counter_counts_endings_and_pickles(monkeypatch):
+    import ray.cloudpickle as pickle
+
+    from cloudburst.tuning.progress import TrialProgress
+
+    counter = TrialProgress("bins")
+    counter.on_trial_complete(1, [], None)
+    counter.on_trial_complete(2, [], None)
+    counter.on_trial_error(3, [], None)
+    assert counter.ended == {"done": 2, "error": 1}
+    assert counter.bar is not None  # made at the first ending (drawn only on a terminal)
+    again = pickle.loads(pickle.dumps(counter))  # Tune saves its run config, callbacks too
+    assert again.ended == {"done": 2, "error": 1} and again.bar is None
+    counter.on_experiment_end([])

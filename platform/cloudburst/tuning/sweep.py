@@ -226,6 +226,8 @@ def _absolute(url: str) -> str:
 def _tuner(prepared: Prepared, spec: dict[str, Any]) -> Any:
     from ray import tune
 
+    from cloudburst.tuning.progress import TrialProgress
+
     sweep = prepared.sweep
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec), {"CPU": 0, "memory": TRIAL_MEMORY}
@@ -268,6 +270,7 @@ def _tuner(prepared: Prepared, spec: dict[str, Any]) -> Any:
             storage_filesystem=filesystem,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[TrialProgress(sweep.name)],
         ),
     )
 

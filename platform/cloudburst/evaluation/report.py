@@ -354,8 +354,9 @@ def train_and_evaluate(cfg: TrainJobConfig, sizes: dict[str, int], uri: str) -> 
     except Exception as exc:  # noqa: BLE001 - the model is registered; report, do not fail
         log.warning("evaluation failed: %r", exc)
     else:
-        top = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if "_top" in k)
-        log.info("evaluation figures and scores logged (%s)", top or "no bins")
+        shown = [k for k in outcome.metrics if "_top" in k] or list(outcome.metrics)[:3]
+        top = ", ".join(f"{k} {outcome.metrics[k]:.4g}" for k in shown)
+        log.info("evaluation figures and scores logged (%s)", top or "no scores")
         # the version's description gets the scores and figures (warns, never raises)
         registry_notes.record_evaluation(
             cfg.run.registered_model, outcome.version, outcome.run_id, outcome.metrics

@@ -29,11 +29,12 @@ from cloudburst.ensembles.generate import (
 )
 from cloudburst.ensembles.proposals import GaussianProposal, ProposalError, noise_seed
 from cloudburst.ensembles.request import EnsembleRequest
-from cloudburst.ensembles.union import RADIUS, UnionFit, fit_union
+from cloudburst.ensembles.union import RADIUS, UNIFORM_SHARE, UnionFit, fit_union
 from cloudburst.markers import read_marker
 from cloudburst.models.samplers import sample
 
 SIZE = int(np.prod(WINDOW))  # numbers of one window's initial noise
+PATTERN = tuple(2 * r + 1 for r in RADIUS)  # shape of a union's noise pattern
 TRAIN_STEPS = 300
 
 
@@ -216,14 +217,15 @@ def test_union_weights_are_p_over_q_of_the_mixture_of_placed_patterns(model, tmp
     gen = Generator(request, model)
     union = gen.fitted
     assert isinstance(union, UnionFit) and union.pilot_draws > 0
-    assert union.probabilities.shape == WINDOW and union.pattern.shape == (3, 5, 5)
+    assert union.probabilities.shape == WINDOW and union.pattern.shape == PATTERN
     z, w = gen.proposal.draw(request.seed, np.arange(12))
     r = np.array(RADIUS)
     padded = np.zeros(tuple(np.array(WINDOW) + 2 * r))
     components = []
-    for place in np.ndindex(*WINDOW):
+    for j, place in enumerate(np.ndindex(*WINDOW)):
         big = padded.copy()
-        big[tuple(slice(c, c + 2 * h + 1) for c, h in zip(place, r, strict=True))] = union.pattern
+        pattern = union.patterns[union.classes[j]]  # its edge class's
+        big[tuple(slice(c, c + 2 * h + 1) for c, h in zip(place, r, strict=True))] = pattern
         components.append(big[tuple(slice(h, h + n) for h, n in zip(r, WINDOW, strict=True))])
     centres = np.stack(components).reshape(SIZE, SIZE)
     a = request.scenario.defensive
@@ -235,7 +237,9 @@ def test_union_weights_are_p_over_q_of_the_mixture_of_placed_patterns(model, tmp
 
 def test_a_union_is_fitted_to_the_noise_around_the_maxima():
     """Elite draws with a blob of noise at known places: the fitted pattern is the blob
-    (their weighted mean, aligned on the places) and the places get the elites' weight."""
+    (their weighted mean, aligned on the places), so is the pattern of each place's edge class
+    (a class without elites keeps the pooled one), and the places get the elites' weight; the
+    fit survives being pinned as a vector."""
     rng = np.random.default_rng(0)
     window = (2, 6, 6)
     z = rng.normal(size=(40, 72)) * 0.01
@@ -253,10 +257,22 @@ def test_a_union_is_fitted_to_the_noise_around_the_maxima():
         ).max()
         < 0.05
     )
-    expected = 0.9 * 0.5 + 0.1 / 72
+    expected = (1 - UNIFORM_SHARE) * 0.5 + UNIFORM_SHARE / 72
+    # the edge class of the 30 elites' place: their blob, the pooled pattern's pull aside
+    mine = fit.patterns[fit.classes[places[0]]]
+    assert mine[centre] == pytest.approx(3.0, abs=0.05)
+    others = set(range(len(fit.patterns))) - {fit.classes[places[0]], fit.classes[0]}
+    np.testing.assert_allclose(
+        fit.patterns[sorted(others)], np.broadcast_to(fit.pattern, (len(others), *PATTERN))
+    )
+    np.testing.assert_allclose(fit.component(places[0]).reshape(window)[1, 2, 3], mine[centre])
     assert fit.probabilities.ravel()[places[0]] == pytest.approx(expected)
     assert fit.probabilities.ravel()[0] == pytest.approx(expected)
     assert fit.probabilities.sum() == pytest.approx(1.0)
+    again = UnionFit.from_vector(fit.vector(), window)
+    assert again.vector().tobytes() == fit.vector().tobytes()
+    with pytest.raises(ValueError, match="numbers for a window"):
+        UnionFit.from_vector(fit.vector()[:-1], window)
 
 
 # --------------------------------------------------------------- stores and regeneration
@@ -295,7 +311,12 @@ def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
         x, _ = pinned.draws(np.array([3]))
         assert x[0].tobytes() == ens.precip.values[3].tobytes()
     elif kind == "fitted":
-        assert ens.union_pattern.shape == (3, 5, 5) and ens.union_place_probability.shape == WINDOW
+        assert ens.union_pattern.shape == PATTERN and ens.union_place_probability.shape == WINDOW
+        # every edge class's pattern and each place's class are recorded too
+        fit = Generator(request, model).fitted
+        assert isinstance(fit, UnionFit)
+        np.testing.assert_array_equal(ens.union_edge_patterns.values, fit.patterns)
+        np.testing.assert_array_equal(ens.union_place_class.values.ravel(), fit.classes)
         pinned = Generator(request, model, steering=Generator(request, model).steering)
         x, _ = pinned.draws(np.array([4]))
         assert x[0].tobytes() == ens.precip.values[4].tobytes()

@@ -630,6 +630,16 @@ def steering_arrays(gen: Generator) -> dict[str, tuple[np.ndarray, list[str], st
         pattern = ["pattern_time", "pattern_y", "pattern_x"]
         return {
             "union_pattern": (gen.fitted.pattern, pattern, "noise pattern of the union proposal"),
+            "union_edge_patterns": (
+                gen.fitted.patterns,
+                ["edge_class", *pattern],
+                "the pattern of each edge class (how the window's edges crop it)",
+            ),
+            "union_place_class": (
+                gen.fitted.classes.reshape(gen.fitted.probabilities.shape),
+                places,
+                "edge class of each place",
+            ),
             "union_place_probability": (
                 gen.fitted.probabilities,
                 places,

@@ -48,7 +48,7 @@ MAX_FITTED = 64  # numbers of z a fitted proposal's covariance may span
 ELITE = 0.1  # share of pilot draws each level of a fit keeps
 FIT_LEVELS = 8  # levels of a fit, at most
 SHRINK = 0.1  # a fitted covariance is pulled this far towards the identity
-UNION_SHARE = 0.01  # of the prior pilot draws a union is fitted to (their best)
+UNION_SHARE = 0.03  # of the prior pilot draws a union is fitted to (their best)
 UNION_ELITES = 20  # ... at least this many
 
 

@@ -4,15 +4,21 @@ A window's maximum exceeds a level when any one of its pixels does, and a diffus
 pixel grows with the initial noise around it: heavy rain at (t, y, x) comes from a positive
 blob of noise there. One shift of the whole noise field cannot cover events that happen in
 different places; a mixture with one component per place can (importance sampling of a union
-of rare events). :class:`UnionFit` holds one small noise pattern, learnt from the pilot draws
+of rare events). :class:`UnionFit` holds small noise patterns, learnt from the pilot draws
 whose maximum exceeded the level (their noise aligned on the pixel of their maximum and
 averaged, weighted), and the probability of each place, learnt from where those maxima were.
-Component j shifts the noise by the pattern centred on place j (cropped at the window's edge):
+
+Near the window's edges the network sees zero padding, and the noise that makes an event there
+differs from the noise that makes one inside (most maxima of a small window lie on its edges
+and corners). So the places are grouped by how the window's edge crops the pattern around them
+(their *edge class*: per axis, how many of the pattern's rows fall outside below and above),
+and each class has a pattern of its own: the mean of its elites' aligned noise, shrunk towards
+the pooled pattern of every elite by :data:`SHRINK_ELITES` elites' worth of weight (a class
+with no elites keeps the pooled pattern). Component j shifts the noise by its class's pattern
+centred on place j (cropped at the window's edge):
 
     q(z) = a p(z) + (1 - a) sum_j pi_j N(z; c_j, I),
-    p(z) / q(z) = 1 / (a + (1 - a) sum_j pi_j exp(z . c_j - |c_j|^2 / 2)),
-
-where z . c_j for every j at once is the cross-correlation of z with the pattern.
+    p(z) / q(z) = 1 / (a + (1 - a) sum_j pi_j exp(z . c_j - |c_j|^2 / 2)).
 """
 
 from __future__ import annotations
@@ -20,22 +26,52 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-__all__ = ["RADIUS", "UNIFORM_SHARE", "UnionFit", "fit_union"]
+__all__ = ["RADIUS", "SHRINK_ELITES", "UNIFORM_SHARE", "UnionFit", "edge_classes", "fit_union"]
 
-RADIUS = (1, 2, 2)  # half-widths (time, y, x) of the learnt noise pattern
-UNIFORM_SHARE = 0.1  # of the place probabilities spread evenly, so that no place has none
+RADIUS = (2, 2, 2)  # half-widths (time, y, x) of the learnt noise patterns
+UNIFORM_SHARE = 0.05  # of the place probabilities spread evenly, so that no place has none
+SHRINK_ELITES = 10.0  # an edge class's pattern is pulled towards the pooled one by this weight
+PATTERN = tuple(2 * r + 1 for r in RADIUS)
+
+
+def _cuts(place: tuple[int, ...], window: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Per axis, the pattern rows outside the window below and above ``place``."""
+    return tuple(
+        (max(0, r - c), max(0, c + r + 1 - n))
+        for c, r, n in zip(place, RADIUS, window, strict=True)
+    )
+
+
+def edge_classes(window: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+    """(the edge class of every place, flat; the number of classes): places whose pattern the
+    window's edges crop alike share a class, numbered in the order of their crops."""
+    cuts = [_cuts(p, window) for p in np.ndindex(*window)]
+    keys = sorted(set(cuts))
+    number = {k: i for i, k in enumerate(keys)}
+    return np.array([number[c] for c in cuts], dtype=np.int64), len(keys)
+
+
+def _slices(place: tuple[int, ...], window: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """(window slices, pattern slices) of the pattern centred on ``place``, cropped."""
+    inside, pattern = [], []
+    for c, r, n in zip(place, RADIUS, window, strict=True):
+        lo, hi = max(0, c - r), min(n, c + r + 1)
+        inside.append(slice(lo, hi))
+        pattern.append(slice(lo - (c - r), hi - (c - r)))
+    return tuple(inside), tuple(pattern)
 
 
 @dataclass(frozen=True)
 class UnionFit:
-    """The pattern (2 RADIUS + 1 per axis) and the place probabilities (the window's shape)
-    of a union proposal, and how the fit went (as :class:`~cloudburst.ensembles.proposals.
+    """The pooled pattern (2 RADIUS + 1 per axis), the pattern of each edge class (classes
+    first, zero where the edge crops it), the place probabilities (the window's shape) of a
+    union proposal, and how the fit went (as :class:`~cloudburst.ensembles.proposals.
     Fitted`)."""
 
     pattern: np.ndarray
     probabilities: np.ndarray
+    patterns: np.ndarray
     levels: list[float] = field(default_factory=list)
     level_probability: float = float("nan")
     pilot_draws: int = 0
@@ -44,47 +80,66 @@ class UnionFit:
         p = self.probabilities
         if p.ndim != 3 or not np.isfinite(p).all() or (p < 0).any() or not p.sum() > 0:
             raise ValueError("place probabilities must be finite, non-negative, not all 0")
-        if self.pattern.shape != tuple(2 * r + 1 for r in RADIUS):
-            raise ValueError(f"the pattern must be {tuple(2 * r + 1 for r in RADIUS)}")
-        if not np.isfinite(self.pattern).all():
-            raise ValueError("the pattern holds NaN or infinite values")
+        window = tuple(p.shape)
+        classes, n_classes = edge_classes(window)  # type: ignore[arg-type]
+        if self.pattern.shape != PATTERN:
+            raise ValueError(f"the pattern must be {PATTERN}")
+        if self.patterns.shape != (n_classes, *PATTERN):
+            raise ValueError(f"a window of {window} has {n_classes} edge patterns of {PATTERN}")
+        if not (np.isfinite(self.pattern).all() and np.isfinite(self.patterns).all()):
+            raise ValueError("a pattern holds NaN or infinite values")
         object.__setattr__(self, "probabilities", p / p.sum())
         cdf = np.cumsum(self.probabilities.ravel())
         object.__setattr__(self, "cdf", cdf / cdf[-1])
-        energy = ndimage.correlate(np.ones(p.shape), self.pattern**2, mode="constant")
-        object.__setattr__(self, "energy", energy.ravel())  # |c_j|^2 for every place
+        object.__setattr__(self, "classes", classes)
+        # every component as (flat indices into z, values): the cropped pattern of its class
+        size = int(np.prod(PATTERN))
+        index = np.zeros((classes.size, size), dtype=np.int64)
+        values = np.zeros((classes.size, size))
+        flat = np.arange(classes.size).reshape(window)
+        for j, place in enumerate(np.ndindex(*window)):
+            inside, part = _slices(place, window)
+            where = flat[inside].ravel()
+            index[j, : where.size] = where
+            values[j, : where.size] = self.patterns[classes[j]][part].ravel()
+        object.__setattr__(self, "index", index)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "energy", (values * values).sum(axis=1))  # |c_j|^2
 
     @property
     def window(self) -> tuple[int, int, int]:
         return tuple(self.probabilities.shape)  # type: ignore[return-value]
 
     def vector(self) -> np.ndarray:
-        """pattern then probabilities, flat: how the fit is pinned for other processes."""
-        return np.concatenate([self.pattern.ravel(), self.probabilities.ravel()])
+        """pooled pattern, edge patterns, probabilities, flat: how the fit is pinned for
+        other processes."""
+        parts = [self.pattern.ravel(), self.patterns.ravel(), self.probabilities.ravel()]
+        return np.concatenate(parts)
 
     @classmethod
     def from_vector(cls, values: np.ndarray, window: tuple[int, int, int]) -> UnionFit:
         v = np.asarray(values, dtype=np.float64).ravel()
-        shape = tuple(2 * r + 1 for r in RADIUS)
-        k = int(np.prod(shape))
-        if v.size != k + int(np.prod(window)):
+        k = int(np.prod(PATTERN))
+        n_classes = edge_classes(window)[1]
+        expected = k * (1 + n_classes) + int(np.prod(window))
+        if v.size != expected:
             raise ValueError(
                 f"a pinned union fit has {v.size} numbers for a window of {window}: "
-                f"{k + int(np.prod(window))} expected"
+                f"{expected} expected"
             )
-        return cls(v[:k].reshape(shape).copy(), v[k:].reshape(window).copy())
+        edges = v[k : k * (1 + n_classes)].reshape(n_classes, *PATTERN)
+        return cls(
+            v[:k].reshape(PATTERN).copy(),
+            v[k * (1 + n_classes) :].reshape(window).copy(),
+            edges.copy(),
+        )
 
     def component(self, place: int) -> np.ndarray:
-        """c_j: the pattern centred on place j (flat index), cropped at the edges; flat."""
-        out = np.zeros(self.window)
-        centre = np.unravel_index(place, self.window)
-        src, dst = [], []
-        for c, r, n in zip(centre, RADIUS, self.window, strict=True):
-            lo, hi = max(0, c - r), min(n, c + r + 1)
-            dst.append(slice(lo, hi))
-            src.append(slice(lo - (c - r), hi - (c - r)))
-        out[tuple(dst)] = self.pattern[tuple(src)]
-        return out.ravel()
+        """c_j: the pattern of place j's edge class centred on it (flat index), cropped;
+        flat."""
+        out = np.zeros(int(np.prod(self.window)))
+        np.add.at(out, self.index[place], self.values[place])
+        return out
 
     def place(self, uniform: float) -> int:
         """The place whose probability interval holds ``uniform`` in [0, 1)."""
@@ -92,7 +147,7 @@ class UnionFit:
 
     def log_mixture(self, z: np.ndarray) -> float:
         """log sum_j pi_j exp(z . c_j - |c_j|^2 / 2) for one flat z."""
-        dots = ndimage.correlate(z.reshape(self.window), self.pattern, mode="constant").ravel()
+        dots = (z.ravel()[self.index] * self.values).sum(axis=1)
         terms = dots - 0.5 * self.energy
         top = float(terms.max())
         return top + float(np.log(np.sum(self.probabilities.ravel() * np.exp(terms - top))))
@@ -105,26 +160,27 @@ def fit_union(
     window: tuple[int, int, int],
 ) -> UnionFit:
     """The union proposal fitted to elite draws: ``z`` (n, time x y x x), their importance
-    ``weights`` and the flat ``places`` of their maxima. The pattern is the weighted mean of
-    the noise around each draw's place (only where it lies inside the window); the place
-    probabilities the weighted frequency of the places, with :data:`UNIFORM_SHARE` spread
-    evenly."""
-    shape = tuple(2 * r + 1 for r in RADIUS)
-    total = np.zeros(shape)
-    mass = np.zeros(shape)
+    ``weights`` and the flat ``places`` of their maxima. The pooled pattern is the weighted
+    mean of the noise around each draw's place (only where it lies inside the window); each
+    edge class's pattern the same over the class's elites, with the pooled pattern weighing
+    :data:`SHRINK_ELITES` (weights scaled to average 1); the place probabilities the weighted
+    frequency of the places, with :data:`UNIFORM_SHARE` spread evenly."""
+    classes, n_classes = edge_classes(window)
+    w_all = np.asarray(weights, dtype=np.float64)
+    w_all = w_all * (len(w_all) / w_all.sum()) if w_all.sum() > 0 else np.ones(len(w_all))
+    total = np.zeros((n_classes, *PATTERN))
+    mass = np.zeros((n_classes, *PATTERN))
     hist = np.zeros(int(np.prod(window)))
-    for row, w, j in zip(z, weights, places, strict=True):
-        field_ = row.reshape(window)
+    for row, w, j in zip(z, w_all, places, strict=True):
         centre = np.unravel_index(int(j), window)
-        src, dst = [], []
-        for c, r, n in zip(centre, RADIUS, window, strict=True):
-            lo, hi = max(0, c - r), min(n, c + r + 1)
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - (c - r), hi - (c - r)))
-        total[tuple(dst)] += w * field_[tuple(src)]
-        mass[tuple(dst)] += w
+        inside, part = _slices(centre, window)
+        k = classes[int(j)]
+        total[k][part] += w * row.reshape(window)[inside]
+        mass[k][part] += w
         hist[int(j)] += w
-    pattern = np.where(mass > 0, total / np.maximum(mass, 1e-300), 0.0)
+    pooled_mass = mass.sum(axis=0)
+    pattern = np.where(pooled_mass > 0, total.sum(axis=0) / np.maximum(pooled_mass, 1e-300), 0.0)
+    patterns = (total + SHRINK_ELITES * pattern) / (mass + SHRINK_ELITES)
     found = hist / hist.sum() if hist.sum() > 0 else np.full(hist.size, 1.0 / hist.size)
     probabilities = (1.0 - UNIFORM_SHARE) * found + UNIFORM_SHARE / hist.size
-    return UnionFit(pattern, probabilities.reshape(window))
+    return UnionFit(pattern, probabilities.reshape(window), patterns)

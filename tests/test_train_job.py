@@ -164,7 +164,7 @@ def test_a_diffusion_model_trains_registers_and_samples(tmp_path, store):
     [
         ("model.loss=l1", "model.loss"),
         ("model.bins=1", "model.bins"),
-        ("model.kind=vqvae", "unknown model kind"),
+        ("model.kind=vqgan", "unknown model kind"),
         ("data.windows.size=64", "larger than the store"),
         # the tracking check's own probe: it names the server and says it refused
         ("run.tracking_uri=http://127.0.0.1:{port}", "http://127.0.0.1:{port} is unreachable"),

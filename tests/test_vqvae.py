@@ -378,8 +378,32 @@ def test_the_registry_entry_reports_codebook_use_and_warns_of_collapse():
     net = VQVAE(config(), (2, 8, 8))
     x = windows((4, 1, 2, 8, 8))
     scores = codebook_scores(net, x)
-    assert set(scores) == set(entry.metrics)
+    assert set(scores) == {"val_codebook_usage", "val_perplexity"} <= set(entry.metrics)
     assert 0.0 < scores["val_codebook_usage"] <= 1.0 and scores["val_perplexity"] >= 1.0
+    # each epoch: codebook use, and the output's scores (reconstruction in physical units, or
+    # the translation's against its targets), all of them declared for sweeps to rank on
+    from cloudburst.data.transforms import Scale
+    from cloudburst.models.registry import EpochProbe
+
+    edges = np.linspace(0.0, 40.0, 11)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    probe = EpochProbe(x, mask, Scale(0.0, 40.0, "unit"), edges)
+    reconstructing = entry.epoch_metrics(net, probe)
+    assert {"val_codebook_usage", "val_qmse_top5", "val_q0.99_error"} <= set(reconstructing)
+    translating = entry.epoch_metrics(net, EpochProbe(x, mask, probe.transform, edges, target=x))
+    assert {"val_ssim", "val_psnr", "val_mae"} <= set(translating)
+    assert "val_qmse_top5" not in translating
+    declared = set(entry.metrics)
+    assert set(reconstructing) - {k for k in reconstructing if "_bin_" in k} <= declared | {
+        "val_q0.99_input",
+        "val_q0.99_recon",
+        "val_q0.999_input",
+        "val_q0.999_recon",
+        "val_mean_bias",
+        "val_wet_fraction",
+        "val_observed_wet_fraction",
+    }
+    assert set(translating) <= declared
     cfg = config()
     warning = entry.epoch_warning(cfg, {"val_codebook_usage": 1 / 64, "val_perplexity": 1.0})
     assert warning is not None and "codebook collapse: 1 of 64 codes" in warning

@@ -1,7 +1,7 @@
 """Extreme scenarios: variance reduction of the importance-weighted exceedance estimator.
 
     .venv/bin/python benchmarks/extremes.py [--families vae diffusion]
-        [--samplers ddim ancestral] [--members 200000 64000] [--is-members 20000 4000]
+        [--samplers ddim ancestral] [--members 200000 128000] [--is-members 20000 4000]
         [--shift 3 [2 4 5 ...]] [--defensive 0.1] [--direction-draws 64]
         [--proposals shift fitted] [--pilot-draws 1000 16000]
         [--window 4 8 8] [--train-steps 300 300] [--lr 2e-4 2e-3] [--steps 8]
@@ -18,8 +18,8 @@ steering z_1 alone is expected to do less there); and ``proposal: fitted``: for 
 Gaussian N(m, C) over the latent fitted by the cross-entropy method to the model's own tail,
 aimed at the 0.999 level; for diffusion a union of local events (a noise pattern placed
 where maxima occur, one per edge class of places, learnt from the best 3% of 16,000 prior
-pilot draws); pilot draws counted in the cost (of the extreme run: its members/s and so its
-VRF per second).
+pilot draws, each pattern's numbers that are noise alone shrunk to 0); pilot draws counted in
+the cost (of the extreme run: its members/s and so its VRF per second).
 
 Method:
 
@@ -61,8 +61,8 @@ underestimates both p and se_IS, and so shows a large VRF that is not real. The 
 figure rests on the plain events beside it (``events``): with a few dozen it is itself
 uncertain by tens of per cent.
 
-Cost on 2 CPU cores (1 torch thread): about 13 minutes with the defaults (a diffusion plain run
-of 64,000 members takes about 4 minutes per sampler, a fit's 16,000 pilot draws about 1); each
+Cost on 2 CPU cores (1 torch thread): about 20 minutes with the defaults (a diffusion plain run
+of 128,000 members takes about 7.5 minutes per sampler, a fit's 16,000 pilot draws about 1); each
 further shift, or ``--direction-draws``, adds about 15 s per diffusion sampler.
 """
 
@@ -401,9 +401,9 @@ def main() -> int:
         "--members",
         type=int,
         nargs=2,
-        default=[200_000, 64_000],
+        default=[200_000, 128_000],
         metavar=("VAE", "DIFFUSION"),
-        help="plain Monte Carlo members (about 200 and 64 events at 0.999: what the plain-z "
+        help="plain Monte Carlo members (about 200 and 128 events at 0.999: what the plain-z "
         "cross-check rests on)",
     )
     p.add_argument(

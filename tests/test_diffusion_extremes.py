@@ -237,9 +237,10 @@ def test_union_weights_are_p_over_q_of_the_mixture_of_placed_patterns(model, tmp
 
 def test_a_union_is_fitted_to_the_noise_around_the_maxima():
     """Elite draws with a blob of noise at known places: the fitted pattern is the blob
-    (their weighted mean, aligned on the places), so is the pattern of each place's edge class
-    (a class without elites keeps the pooled one), and the places get the elites' weight; the
-    fit survives being pinned as a vector."""
+    (their weighted mean, aligned on the places, with the numbers that are noise alone shrunk
+    to 0), so is the pattern of each place's edge class (a class without elites keeps the
+    pooled one), and the places of an edge class share its elites' weight; the fit survives
+    being pinned as a vector."""
     rng = np.random.default_rng(0)
     window = (2, 6, 6)
     z = rng.normal(size=(40, 72)) * 0.01
@@ -257,22 +258,51 @@ def test_a_union_is_fitted_to_the_noise_around_the_maxima():
         ).max()
         < 0.05
     )
-    expected = (1 - UNIFORM_SHARE) * 0.5 + UNIFORM_SHARE / 72
+    # the elites' weight per edge class, shared by the class's places: (1, 2, 3)'s class is
+    # t = 1 with y and x in {2, 3} (4 places); place 0's is the corner (0, 0, 0) alone
+    expected = (1 - UNIFORM_SHARE) * 0.5 / 4 + UNIFORM_SHARE / 72
+    corner = (1 - UNIFORM_SHARE) * 0.5 + UNIFORM_SHARE / 72
     # the edge class of the 30 elites' place: their blob, the pooled pattern's pull aside
     mine = fit.patterns[fit.classes[places[0]]]
     assert mine[centre] == pytest.approx(3.0, abs=0.05)
-    others = set(range(len(fit.patterns))) - {fit.classes[places[0]], fit.classes[0]}
+    # a class without elites keeps the pooled blob (denoised as a mean of a few elites)
+    others = sorted(set(range(len(fit.patterns))) - {fit.classes[places[0]], fit.classes[0]})
+    assert len(others) > 0
+    blob = np.zeros(PATTERN)
+    blob[centre] = 3.0
     np.testing.assert_allclose(
-        fit.patterns[sorted(others)], np.broadcast_to(fit.pattern, (len(others), *PATTERN))
+        fit.patterns[others], np.broadcast_to(blob, (len(others), *PATTERN)), atol=0.1
     )
     np.testing.assert_allclose(fit.component(places[0]).reshape(window)[1, 2, 3], mine[centre])
     assert fit.probabilities.ravel()[places[0]] == pytest.approx(expected)
-    assert fit.probabilities.ravel()[0] == pytest.approx(expected)
+    assert fit.probabilities.ravel()[0] == pytest.approx(corner)
+    for twin in [(1, 2, 2), (1, 3, 2), (1, 3, 3)]:
+        assert fit.probabilities[twin] == pytest.approx(expected)
     assert fit.probabilities.sum() == pytest.approx(1.0)
     again = UnionFit.from_vector(fit.vector(), window)
     assert again.vector().tobytes() == fit.vector().tobytes()
     with pytest.raises(ValueError, match="numbers for a window"):
         UnionFit.from_vector(fit.vector()[:-1], window)
+
+
+def test_a_union_fit_drops_the_numbers_that_are_noise_alone():
+    """200 elites whose noise is N(0, 1) but for a blob of 3 at their maximum's place: the
+    fitted pattern keeps the blob and sets most of the other numbers to exactly 0 (a plain
+    mean would leave each at about N(0, 1/200)), so the shift adds no noise of its own."""
+    rng = np.random.default_rng(1)
+    window = (5, 9, 9)
+    place = np.ravel_multi_index((2, 4, 4), window)
+    z = rng.normal(size=(200, int(np.prod(window))))
+    z[:, place] += 3.0
+    fit = fit_union(z, np.ones(200), np.full(200, place), window)
+    centre = tuple(RADIUS)
+    assert fit.pattern[centre] == pytest.approx(3.0, abs=0.25)
+    rest = np.delete(fit.pattern.ravel(), np.ravel_multi_index(centre, PATTERN))
+    assert np.mean(rest == 0.0) > 0.7
+    assert np.abs(rest).max() < 0.35
+    mine = fit.patterns[fit.classes[place]]
+    assert mine[centre] == pytest.approx(3.0, abs=0.25)
+    assert np.mean(np.delete(mine.ravel(), np.ravel_multi_index(centre, PATTERN)) == 0.0) > 0.7
 
 
 # --------------------------------------------------------------- stores and regeneration

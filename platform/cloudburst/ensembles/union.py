@@ -14,8 +14,17 @@ and corners). So the places are grouped by how the window's edge crops the patte
 (their *edge class*: per axis, how many of the pattern's rows fall outside below and above),
 and each class has a pattern of its own: the mean of its elites' aligned noise, shrunk towards
 the pooled pattern of every elite by :data:`SHRINK_ELITES` elites' worth of weight (a class
-with no elites keeps the pooled pattern). Component j shifts the noise by its class's pattern
-centred on place j (cropped at the window's edge):
+with no elites keeps the pooled one, denoised as a mean of that many). Places of one class are
+alike but for where they are, so they share their class's probability evenly.
+
+A mean of n elites' noise carries noise of variance 1/n in each number, and every number of a
+shift that is noise alone costs likelihood ratio at the events it should favour (it adds to
+|c|^2 what z . c does not gain back). So each number of a pattern is shrunk towards 0 by the
+positive-part James-Stein factor max(0, 1 - :data:`NOISE_FLOOR` / (n c^2)), and the patterns
+are then scaled together by the cross-entropy optimum of a common factor along them (the
+elites' weighted z . c over |c|^2), which also restores the length the shrinkage took.
+Component j shifts the noise by its class's pattern centred on place j (cropped at the
+window's edge):
 
     q(z) = a p(z) + (1 - a) sum_j pi_j N(z; c_j, I),
     p(z) / q(z) = 1 / (a + (1 - a) sum_j pi_j exp(z . c_j - |c_j|^2 / 2)).
@@ -27,11 +36,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RADIUS", "SHRINK_ELITES", "UNIFORM_SHARE", "UnionFit", "edge_classes", "fit_union"]
+__all__ = [
+    "NOISE_FLOOR",
+    "RADIUS",
+    "SHRINK_ELITES",
+    "UNIFORM_SHARE",
+    "UnionFit",
+    "edge_classes",
+    "fit_union",
+]
 
 RADIUS = (2, 2, 2)  # half-widths (time, y, x) of the learnt noise patterns
 UNIFORM_SHARE = 0.05  # of the place probabilities spread evenly, so that no place has none
 SHRINK_ELITES = 10.0  # an edge class's pattern is pulled towards the pooled one by this weight
+NOISE_FLOOR = 2.0  # a pattern number is kept in the measure its n c^2 exceeds this
 PATTERN = tuple(2 * r + 1 for r in RADIUS)
 
 
@@ -160,27 +178,49 @@ def fit_union(
     window: tuple[int, int, int],
 ) -> UnionFit:
     """The union proposal fitted to elite draws: ``z`` (n, time x y x x), their importance
-    ``weights`` and the flat ``places`` of their maxima. The pooled pattern is the weighted
-    mean of the noise around each draw's place (only where it lies inside the window); each
-    edge class's pattern the same over the class's elites, with the pooled pattern weighing
-    :data:`SHRINK_ELITES` (weights scaled to average 1); the place probabilities the weighted
-    frequency of the places, with :data:`UNIFORM_SHARE` spread evenly."""
+    ``weights`` and the flat ``places`` of their maxima (see the module doc). The pooled
+    pattern is the weighted mean of the noise around each draw's place (only where it lies
+    inside the window); each edge class's pattern the same over the class's elites, with the
+    pooled pattern weighing :data:`SHRINK_ELITES` (weights scaled to average 1); both denoised
+    number by number and scaled along; the place probabilities the weighted frequency of each
+    edge class spread evenly over its places, with :data:`UNIFORM_SHARE` spread evenly over
+    all."""
     classes, n_classes = edge_classes(window)
     w_all = np.asarray(weights, dtype=np.float64)
     w_all = w_all * (len(w_all) / w_all.sum()) if w_all.sum() > 0 else np.ones(len(w_all))
     total = np.zeros((n_classes, *PATTERN))
     mass = np.zeros((n_classes, *PATTERN))
-    hist = np.zeros(int(np.prod(window)))
+    hist = np.zeros(n_classes)
+    aligned = []
     for row, w, j in zip(z, w_all, places, strict=True):
         centre = np.unravel_index(int(j), window)
         inside, part = _slices(centre, window)
         k = classes[int(j)]
         total[k][part] += w * row.reshape(window)[inside]
         mass[k][part] += w
-        hist[int(j)] += w
+        hist[k] += w
+        aligned.append((k, part, row.reshape(window)[inside]))
     pooled_mass = mass.sum(axis=0)
-    pattern = np.where(pooled_mass > 0, total.sum(axis=0) / np.maximum(pooled_mass, 1e-300), 0.0)
-    patterns = (total + SHRINK_ELITES * pattern) / (mass + SHRINK_ELITES)
-    found = hist / hist.sum() if hist.sum() > 0 else np.full(hist.size, 1.0 / hist.size)
-    probabilities = (1.0 - UNIFORM_SHARE) * found + UNIFORM_SHARE / hist.size
-    return UnionFit(pattern, probabilities.reshape(window), patterns)
+    pattern = _denoised(total.sum(axis=0), pooled_mass)
+    patterns = _denoised(total + SHRINK_ELITES * pattern, mass + SHRINK_ELITES)
+    # the common factor s maximising sum_i w_i (s z_i . c_i - s^2 |c_i|^2 / 2)
+    gain = cost = 0.0
+    for w, (k, part, x) in zip(w_all, aligned, strict=True):
+        gain += w * float((x * patterns[k][part]).sum())
+        cost += w * float((patterns[k][part] ** 2).sum())
+    scale = gain / cost if cost > 0 and gain > 0 else 1.0
+    members = np.bincount(classes, minlength=n_classes)
+    found = hist[classes] / members[classes]
+    found = found / found.sum() if found.sum() > 0 else np.full(found.size, 1.0 / found.size)
+    probabilities = (1.0 - UNIFORM_SHARE) * found + UNIFORM_SHARE / found.size
+    return UnionFit(scale * pattern, probabilities.reshape(window), scale * patterns)
+
+
+def _denoised(total: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    """The means c = total / mass, each shrunk towards 0 by max(0, 1 - NOISE_FLOOR /
+    (mass c^2)): a mean of ``mass`` elites' noise has noise variance 1 / mass (0 where there is
+    no mass)."""
+    mean = np.where(mass > 0, total / np.maximum(mass, 1e-300), 0.0)
+    signal = mass * mean * mean
+    keep = np.where(signal > NOISE_FLOOR, 1.0 - NOISE_FLOOR / np.maximum(signal, 1e-300), 0.0)
+    return mean * keep

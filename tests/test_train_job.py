@@ -110,6 +110,10 @@ def test_trains_registers_and_resumes(tmp_path, store):
     assert "qmse_bin" not in console
     assert "Reporting training result" not in console
     assert "Moving model to device" not in console
+    # nor Ray's start-up line or MLflow's registration prints (the job says both itself)
+    assert "Started a local Ray instance" not in console
+    assert "Successfully registered model" not in console
+    assert "Created version '1'" not in console
 
     # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
     second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me", "--verbose")
@@ -117,6 +121,7 @@ def test_trains_registers_and_resumes(tmp_path, store):
     # with --verbose the libraries' records are back; each epoch line is still said once
     chatty = second.stdout + second.stderr
     assert "Reporting training result" in chatty
+    assert "Started a local Ray instance" in chatty
     assert chatty.count("epoch 2/2: train_loss") == 1
     assert "model: models:/cloudburst-vae-demo/2" in second.stdout
     run2 = second.stdout.split("run: ")[1].split()[0]

@@ -22,7 +22,9 @@ with ``.sample(n, seed)`` and ``.reconstruct(x)``; the unwrapped pyfunc model
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudburst import compat, environment, netcheck
+
+log = logging.getLogger(__name__)
 
 # No usage reporting from a training cluster; set before mlflow loads.
 environment.apply_defaults(environment.IMPORT)
@@ -426,7 +430,11 @@ def register_model(
     existed = _registered_model_exists(client, name)
     version: str | None = None
     try:
-        mv = mlflow.register_model(model_uri, name, tags=version_tags)
+        # MLflow prints its two registration lines to stderr; they go to the log (DEBUG)
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            mv = mlflow.register_model(model_uri, name, tags=version_tags)
+        for line in said.getvalue().splitlines():
+            log.debug("mlflow: %s", line)
         version = str(mv.version)
         mv = client.get_model_version(name, version)
         if mv.status != "READY":

@@ -18,6 +18,7 @@ from cloudburst import storage, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.samples import split_stats
 from cloudburst.data.transforms import for_data
+from cloudburst.environment import verbose
 from cloudburst.models.package import PrecipitationModel, TargetField
 from cloudburst.models.roles import Generative
 from cloudburst.training import ray_train
@@ -107,12 +108,23 @@ def start_local_ray(preferred_port: int = 8265) -> None:
     before = os.environ.get(key)
     os.environ[key] = f"http://127.0.0.1:{port}"
     try:  # the cluster's processes keep it; this process gets its own value back
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            logging_level=ray_logging_level(),
+        )
     finally:
         if before is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+def ray_logging_level() -> int:
+    """The level ``ray.init`` gives Ray's driver logger (it would set INFO again, and its
+    start-up lines with it): WARNING, or INFO when the run is verbose."""
+    return logging.INFO if verbose() else logging.WARNING
 
 
 def ensure_ray() -> None:
@@ -122,7 +134,7 @@ def ensure_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address)
+            ray.init(address=address, logging_level=ray_logging_level())
         else:
             start_local_ray()
 

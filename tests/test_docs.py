@@ -1,5 +1,5 @@
 """The documentation site builds strictly, its configuration reference lists every field of
-the training job's config, and a broken link fails the build."""
+the training job's config, each with a description, and a broken link fails the build."""
 
 from __future__ import annotations
 
@@ -96,6 +96,22 @@ def test_configuration_reference_lists_every_training_field(site):
     assert "train.dry_threshold" in keys and "model.loss" in keys and "data.windows.size" in keys
     missing = [k for k in keys if f"<code>{k}</code>" not in page]
     assert not missing, f"fields missing from the configuration reference: {missing}"
+
+
+def test_every_row_of_the_configuration_reference_has_a_description(site):
+    """Every field of every config the reference shows (jobs, sweep, ensemble request,
+    endpoint settings, the shipped model families) says what it is for."""
+    import re
+
+    page = (site / "reference" / "configuration" / "index.html").read_text()
+    rows = [
+        re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        for row in re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    ]
+    fields = [cells for cells in rows if len(cells) == 5]
+    assert len(fields) > 250  # the tables are there, not an empty page
+    bare = [re.sub(r"<[^>]+>", "", cells[0]) for cells in fields if not cells[4].strip()]
+    assert not bare, f"fields without a description in the configuration reference: {bare}"
 
 
 def test_a_broken_link_fails_the_strict_build(tmp_path):

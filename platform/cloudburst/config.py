@@ -59,40 +59,110 @@ M = TypeVar("M", bound=BaseModel)
 class StorageConfig(Strict):
     """How to reach object storage (also settable by CLOUDBURST_ENDPOINT_URL / CLOUDBURST_ANON)."""
 
-    endpoint_url: str | None = None
-    anon: bool | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    endpoint_url: str | None = Field(
+        None,
+        description="endpoint of an S3- or GCS-compatible server; None: CLOUDBURST_ENDPOINT_URL, "
+        "else the provider's own",
+    )
+    anon: bool | None = Field(
+        None,
+        description="anonymous (public bucket) access; None: CLOUDBURST_ANON, else with "
+        "credentials",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="further fsspec storage options, applied last (they override those above)",
+    )
 
 
 class SyntheticConfig(Strict):
     """The stochastic precipitation generator behind the embedded default dataset."""
 
-    ny: int = Field(48, ge=4, le=4096)
-    nx: int = Field(48, ge=4, le=4096)
-    nt: int = Field(1460, ge=1)
-    freq: Literal["1D", "1h"] = "1D"
-    start: str = "2001-01-01"
-    resolution_deg: float = Field(0.05, gt=0)
-    center_lat: float = Field(20.5, ge=-90, le=90)
-    center_lon: float = Field(75.5, ge=-180, le=360)
-    seed: int = 0
-    wet_fraction: float = Field(0.3, gt=0, lt=1)
-    seasonal_amplitude: float = Field(0.6, ge=0, le=1)
-    spectral_slope: float = Field(3.0, gt=0)
-    persistence: float = Field(0.7, ge=0, lt=1)
-    advection: tuple[float, float] = (0.6, 1.1)
-    gamma_shape: float = Field(0.7, gt=0)
-    gamma_scale: float = Field(8.0, gt=0)
-    tail_quantile: float = Field(0.95, gt=0, lt=1)
-    tail_shape: float = Field(0.2, ge=0, lt=1)
+    ny: int = Field(48, ge=4, le=4096, description="grid rows (north to south)")
+    nx: int = Field(48, ge=4, le=4096, description="grid columns (west to east)")
+    nt: int = Field(1460, ge=1, description="time steps generated")
+    freq: Literal["1D", "1h"] = Field(
+        "1D", description="time step: 1D (daily, in mm/day) or 1h (hourly, in mm/h)"
+    )
+    start: str = Field("2001-01-01", description="time of the first step (ISO, e.g. 2001-01-01)")
+    resolution_deg: float = Field(0.05, gt=0, description="grid spacing in degrees")
+    center_lat: float = Field(
+        20.5, ge=-90, le=90, description="latitude of the grid's centre in degrees"
+    )
+    center_lon: float = Field(
+        75.5, ge=-180, le=360, description="longitude of the grid's centre in degrees"
+    )
+    seed: int = Field(
+        0, description="seed of the generator: one config gives one dataset, bit for bit"
+    )
+    wet_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="long-run fraction of wet pixels (the yearly mean wet probability)",
+    )
+    seasonal_amplitude: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="strength of the seasonal cycle of the wet probability, which peaks near day "
+        "of year 200 (0: no seasons)",
+    )
+    spectral_slope: float = Field(
+        3.0,
+        gt=0,
+        description="slope of the latent field's power-law spectrum (amplitude "
+        "`k ** (-slope / 2)`): larger is smoother, with bigger rain areas",
+    )
+    persistence: float = Field(
+        0.7,
+        ge=0,
+        lt=1,
+        description="lag-1 correlation of the latent field between time steps (AR(1); 0: "
+        "independent steps)",
+    )
+    advection: tuple[float, float] = Field(
+        (0.6, 1.1),
+        description="motion of the latent field per time step in grid cells, (rows, columns)",
+    )
+    gamma_shape: float = Field(
+        0.7, gt=0, description="shape of the gamma distribution of wet amounts below tail_quantile"
+    )
+    gamma_scale: float = Field(
+        8.0,
+        gt=0,
+        description="scale of the gamma distribution of wet amounts in mm/day (divided by 24 for "
+        "hourly data)",
+    )
+    tail_quantile: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="quantile of the gamma body above which wet amounts follow a generalised "
+        "Pareto tail",
+    )
+    tail_shape: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="shape of the generalised Pareto tail: 0 is exponential, larger is heavier",
+    )
 
 
 class IngestConfig(Strict):
     """From a source archive (or the synthetic generator) to an analysis-ready Zarr store."""
 
     source: str | None = Field(None, description="archive URL; None generates synthetic data")
-    target: str = "outputs/demo/precip.zarr"
-    variable: str | None = None
+    target: str = Field(
+        "outputs/demo/precip.zarr",
+        description="path or URL of the Zarr store written; also the dataset's data.store unless "
+        "that is set",
+    )
+    variable: str | None = Field(
+        None,
+        description="the source's precipitation variable; None: found by standard_name, name or "
+        "units",
+    )
     units: str | dict[str, str] | None = Field(
         None,
         description="units of the variable when the file lacks them; with variables, one for "
@@ -113,12 +183,38 @@ class IngestConfig(Strict):
         description="with variables: the source value that means no data (e.g. 0 counts of a "
         "satellite image's missing tiles), one for all or per variable; it becomes NaN",
     )
-    bbox: tuple[float, float, float, float] | None = None
-    coarsen: int = Field(1, ge=1)
-    chunks: dict[str, int] | None = None
-    bins: int = Field(100, ge=2)
-    time_start: str | None = None
-    time_end: str | None = None
+    bbox: tuple[float, float, float, float] | None = Field(
+        None,
+        description="region kept, (W, S, E, N) in degrees of lon/lat (in x/y where the source "
+        "has no lon/lat); None: the whole grid",
+    )
+    coarsen: int = Field(
+        1,
+        ge=1,
+        description="mean over blocks of n x n cells (a block with any NaN is NaN); 1: the "
+        "source's grid",
+    )
+    chunks: dict[str, int] | None = Field(
+        None,
+        description="Zarr chunk sizes by dimension (time, y, x); dimensions not given, or None: "
+        "chunks of about 4 MB",
+    )
+    bins: int = Field(
+        100,
+        ge=2,
+        description="bins of the value histogram kept in the store's statistics (evaluation's "
+        "histograms use its edges)",
+    )
+    time_start: str | None = Field(
+        None,
+        description="first time ingested (ISO, in the source's calendar, inclusive); None: the "
+        "start of the record",
+    )
+    time_end: str | None = Field(
+        None,
+        description="last time ingested (ISO, in the source's calendar, inclusive); None: the end "
+        "of the record",
+    )
     member: int | str | None = Field(
         None,
         description="ensemble member to read (a label of ensemble_member / realization / "
@@ -184,9 +280,17 @@ class WindowConfig(Strict):
     length: int = Field(8, ge=1, description="time steps per window")
     size: int = Field(32, ge=1, description="pixels per side")
     stride: int = Field(8, ge=1, description="spatial stride in pixels")
-    time_stride: int = Field(1, ge=1)
+    time_stride: int = Field(
+        1, ge=1, description="keep every n-th valid window start in time (1: every step)"
+    )
     doy: tuple[int, int] | None = Field(None, description="day-of-year range, e.g. (150, 300)")
-    max_nan_fraction: float = Field(0.0, ge=0, le=1)
+    max_nan_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="largest fraction of NaN values a window may hold; the loader fills them "
+        "with 0 and masks them (0: no NaN)",
+    )
 
     @field_validator("doy")
     @classmethod
@@ -199,9 +303,19 @@ class WindowConfig(Strict):
 class SplitConfig(Strict):
     """How windows are split into train / validation / test."""
 
-    scheme: Literal["years", "seasons", "frames", "none"] = "seasons"
-    train_years: tuple[int, int] | None = None
-    test_years: tuple[int, int] | None = None
+    scheme: Literal["years", "seasons", "frames", "none"] = Field(
+        "seasons",
+        description="years: by train_years and test_years; seasons: every n-th season to test; "
+        "frames: every n-th time step (or test_times) to test; none: no test part",
+    )
+    train_years: tuple[int, int] | None = Field(
+        None,
+        description="years scheme: first and last year of train (inclusive); years in neither "
+        "range are not used",
+    )
+    test_years: tuple[int, int] | None = Field(
+        None, description="years scheme: first and last year of test (inclusive)"
+    )
     every: int = Field(
         5, ge=2, description="seasons (frames) scheme: every n-th season (time step) goes to test"
     )
@@ -214,8 +328,14 @@ class SplitConfig(Strict):
         description="frames scheme: time steps either side of a test frame kept out of train and "
         "val (near-duplicates of it)",
     )
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="fraction of train's contiguous time blocks that become validation (0: no "
+        "validation part)",
+    )
+    seed: int = Field(0, description="seed of the choice of validation blocks")
 
     @model_validator(mode="after")
     def _years_given(self) -> SplitConfig:
@@ -239,10 +359,20 @@ class SplitConfig(Strict):
 
 
 class LoaderConfig(Strict):
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1, description="windows per batch, per training worker")
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="DataLoader worker processes of each training worker's train loader (0: "
+        "load in the training process)",
+    )
     cache_blocks: int = Field(8, ge=2, description="decoded chunks kept in memory per process")
-    shuffle_buffer_blocks: int = Field(4, ge=1)
+    shuffle_buffer_blocks: int = Field(
+        4,
+        ge=1,
+        description="time slabs of chunks per shuffle run: runs are visited in random order, "
+        "windows shuffled within a run",
+    )
     prefetch_requests: int = Field(
         16,
         ge=0,
@@ -254,12 +384,32 @@ class LoaderConfig(Strict):
 class DataConfig(Strict):
     """A training dataset: an ingested store and how to cut it into samples."""
 
-    store: str = "outputs/demo/precip.zarr"
-    windows: WindowConfig = Field(default_factory=WindowConfig)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    loader: LoaderConfig = Field(default_factory=LoaderConfig)
-    scaling: Literal["unit", "symmetric"] = "unit"
-    transform: Literal["none", "sqrt"] = "none"
+    store: str = Field(
+        "outputs/demo/precip.zarr",
+        description="path or URL of the ingested Zarr store; in a dataset job, ingest.target "
+        "unless set",
+    )
+    windows: WindowConfig = Field(
+        default_factory=WindowConfig, description="which (time, y, x) windows make samples"
+    )
+    split: SplitConfig = Field(
+        default_factory=SplitConfig,
+        description="how windows are split into train, validation and test",
+    )
+    loader: LoaderConfig = Field(
+        default_factory=LoaderConfig,
+        description="batches, loader processes and shuffling of the training data",
+    )
+    scaling: Literal["unit", "symmetric"] = Field(
+        "unit",
+        description="model-space range: unit maps the data's range onto [0, 1], symmetric onto "
+        "[-1, 1]",
+    )
+    transform: Literal["none", "sqrt"] = Field(
+        "none",
+        description="fixed transformation before scaling: none, or sqrt (the square root of the "
+        "physical values)",
+    )
     input: str | None = Field(
         None, description="variable the model reads (x); None: the store's single variable"
     )
@@ -282,11 +432,26 @@ class DatasetJobConfig(Strict):
     With no config at all this is the embedded default: synthetic data into a local store.
     """
 
-    name: str = "demo"
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    name: str = Field(
+        "demo", description="name of the dataset, shown by the demo and in its ensemble's name"
+    )
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig,
+        description="the synthetic generator, used when ingest.source is None",
+    )
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig,
+        description="the archive ingested (or none: synthetic data) and the store written",
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="how the store is cut into windows and split; its store is ingest.target "
+        "unless set",
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="object storage access for the source and the store",
+    )
 
     @model_validator(mode="after")
     def _store_is_target(self) -> DatasetJobConfig:
@@ -505,8 +670,14 @@ def load_config(
 class TrainConfig(Strict):
     """Optimisation and scaling (Ray Train)."""
 
-    epochs: int = Field(100, ge=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
+    epochs: int = Field(
+        100, ge=1, description="epochs to train at most (early stopping may end it sooner)"
+    )
+    max_steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="training batches per epoch and worker at most; None: the whole train split",
+    )
     max_val_batches: int | None = Field(
         None, ge=1, description="validation batches per epoch (None: the whole split)"
     )
@@ -516,11 +687,21 @@ class TrainConfig(Strict):
         description="None: the model family's default (VAE: 5e-5 for quantized "
         "losses, else 1e-5; diffusion: 1e-4)",
     )
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="Adam's coefficients (beta1, beta2)"
+    )
     patience: int = Field(10, ge=1, description="early stopping on validation loss")
-    seed: int = 0
-    workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
+    seed: int = Field(
+        0,
+        description="seed of the model's initialisation (plus the worker's rank), the shuffling "
+        "and the auto dry threshold's samples",
+    )
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel processes)")
+    cpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each worker reserves; its torch threads: this rounded down, at least 1",
+    )
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     gpus_per_worker: float | None = Field(
         None,
@@ -529,9 +710,17 @@ class TrainConfig(Strict):
         description="GPUs per worker when on GPUs (a fraction shares one GPU between small "
         "models, e.g. a sweep's trials); None: one",
     )
-    mixed_precision: bool = True
-    max_failures: int = Field(2, ge=0)
-    checkpoints_to_keep: int = Field(2, ge=1)
+    mixed_precision: bool = Field(
+        True, description="bf16 autocast on CUDA devices (training and validation); off on the CPU"
+    )
+    max_failures: int = Field(
+        2,
+        ge=0,
+        description="restarts of a failed worker group from the last checkpoint (0: fail at once)",
+    )
+    checkpoints_to_keep: int = Field(
+        2, ge=1, description="checkpoints kept in the run's folder, the best by validation loss"
+    )
     dry_threshold: Literal["auto", "none"] | float = Field(
         "auto",
         description="physical values below it are exactly 0 in everything the packaged model "
@@ -553,11 +742,25 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     """Where runs, checkpoints and models go."""
 
-    name: str = "vae-demo"
-    storage_path: str = "outputs/ray"
-    tracking_uri: str | None = None
-    experiment: str = "cloudburst"
-    registered_model: str = "cloudburst-vae"
+    name: str = Field(
+        "vae-demo",
+        description="Ray Train and MLflow run name; re-running the same name resumes from its "
+        "last checkpoint",
+    )
+    storage_path: str = Field(
+        "outputs/ray",
+        description="where runs and checkpoints go (under run.name): a local folder, s3:// or "
+        "gs:// URL",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None: MLFLOW_TRACKING_URI, else a local SQLite store "
+        "in outputs/mlflow",
+    )
+    experiment: str = Field("cloudburst", description="MLflow experiment the run is logged in")
+    registered_model: str = Field(
+        "cloudburst-vae", description="name the trained model is registered under in MLflow"
+    )
     system_metrics_interval: float | None = Field(
         10.0, gt=0, description="seconds between MLflow system-metrics samples; None: off"
     )
@@ -570,6 +773,11 @@ def _model_kind(value: Any) -> str:
     if isinstance(value, dict):
         return str(value.get("kind", "vae"))
     return ""
+
+
+_MODEL_DESCRIPTION = (
+    "one registered model family's section, told apart by model.kind (vae, diffusion...)"
+)
 
 
 def _model_union() -> Any:
@@ -615,11 +823,24 @@ class TrainJobConfig(Strict):
     (``vae``, ``diffusion``, or any family added with ``cloudburst.models.registry``).
     """
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: VAEConfig | DiffusionConfig = Field(default_factory=VAEConfig)  # see _model_union
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="the training dataset: a store and how it is cut into samples",
+    )
+    model: VAEConfig | DiffusionConfig = Field(  # see _model_union
+        default_factory=VAEConfig, description=_MODEL_DESCRIPTION
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="optimisation, Ray Train workers, failures and checkpoints",
+    )
+    run: RunConfig = Field(
+        default_factory=RunConfig, description="where runs, checkpoints and models go"
+    )
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="object storage access for data.store and run.storage_path",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -647,7 +868,9 @@ class TrainJobConfig(Strict):
 
 
 def _rebuild_model_union() -> None:
-    compat.replace_model_field(TrainJobConfig, "model", _model_union(), VAEConfig)
+    # the description rides on the annotation: replace_model_field builds a new FieldInfo
+    described = Annotated[_model_union(), Field(description=_MODEL_DESCRIPTION)]
+    compat.replace_model_field(TrainJobConfig, "model", described, VAEConfig)
 
 
 _rebuild_model_union()

@@ -109,8 +109,10 @@ class Scenario(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = (
-        "unconditional"
+    kind: Literal["unconditional", "extreme", "interpolation", "forecast", "extension"] = Field(
+        "unconditional",
+        description="plain draws, draws steered to the tail (`extreme`, weighted) or a "
+        "conditional kind (see the class doc)",
     )
     proposal: Literal["prior", "shift", "tail", "fitted"] | None = Field(
         None, description="shift for extreme, prior otherwise (see the class doc)"
@@ -121,22 +123,68 @@ class Scenario(BaseModel):
     pilot_draws: int = Field(
         1000, ge=100, le=100_000, description="fitted: pilot draws (per level for latent models)"
     )
-    shift: float = Field(3.0, gt=0.0, le=20.0)
+    shift: float = Field(
+        3.0,
+        gt=0.0,
+        le=20.0,
+        description="shift: how far the proposal's mean lies along the direction, in "
+        "standard deviations of z",
+    )
     direction: list[float] | None = Field(
         None,
         min_length=1,
         max_length=MAX_DIRECTION,
         description="the shift direction: exactly the size of the model's steered input",
     )
-    defensive: float = Field(0.1, gt=0.0, le=1.0)
-    threshold: float | None = Field(None, ge=0.0)
-    threshold_quantile: float | None = Field(None, gt=0.0, lt=1.0)
-    max_candidates_per_member: int = Field(10_000, ge=1)
-    condition: Condition | None = None
-    context: int | None = Field(None, ge=1)
-    every: int = Field(2, ge=2)
-    length: int | None = Field(None, ge=1, le=100_000)
-    guidance: float | None = Field(None, ge=0.0)
+    defensive: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="share of a steered proposal's draws taken from the prior (1: the prior only)",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description="keep only members with a pixel at or above this, in the model's units "
+        "(e.g. mm/day); None: no rejection",
+    )
+    threshold_quantile: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="the threshold as a quantile of the training data (one the model's "
+        "statistics hold); not with `threshold`",
+    )
+    max_candidates_per_member: int = Field(
+        10_000,
+        ge=1,
+        description="rejection: draws tried per member, at most; then the request fails",
+    )
+    condition: Condition | None = Field(
+        None,
+        description="the observed window conditional kinds keep as known (needed by "
+        "interpolation and forecast)",
+    )
+    context: int | None = Field(
+        None,
+        ge=1,
+        description="forecast, extension: known leading time steps (default half the window)",
+    )
+    every: int = Field(
+        2, ge=2, description="interpolation: every `every`-th time step of the window is known"
+    )
+    length: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="extension: time steps of each member (required there)",
+    )
+    guidance: float | None = Field(
+        None,
+        ge=0.0,
+        description="conditional kinds: reconstruction guidance weight (None: the version's "
+        "tuned or the model's; 0: imputation)",
+    )
 
     @field_validator("direction")
     @classmethod
@@ -212,14 +260,19 @@ class EnsembleRequest(BaseModel):
     model: str = Field(
         min_length=1, max_length=1024, description="models:/NAME@ALIAS, models:/NAME/VERSION"
     )
-    members: int = Field(ge=1, le=MAX_MEMBERS)
-    seed: int = Field(0, ge=0, lt=2**63)
+    members: int = Field(ge=1, le=MAX_MEMBERS, description="members (windows) to generate")
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**63,
+        description="draw k's noise comes from (seed, k) alone: same seed, same members",
+    )
     output: str = Field(
         min_length=1,
         max_length=MAX_URL_CHARS,
         description="Zarr store URL: local path, s3://, gs://",
     )
-    scenario: Scenario = Field(default_factory=Scenario)
+    scenario: Scenario = Field(default_factory=Scenario, description="how members are drawn")
     batch_size: int = Field(64, ge=1, le=4096, description="members decoded per model call")
     chunk_members: int = Field(256, ge=1, le=100_000, description="members per Zarr chunk")
     steps: int | None = Field(
@@ -228,7 +281,11 @@ class EnsembleRequest(BaseModel):
     sampler: Literal["ancestral", "ddim"] | None = Field(
         None, description="diffusion models: sampler (default the model's)"
     )
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="how batch runs reach object storage; the endpoint refuses it and uses "
+        "its own settings",
+    )
     deadline_s: float | None = Field(
         None,
         gt=0,

@@ -41,17 +41,40 @@ class DiffusionConfig(Strict):
     """The v-prediction diffusion model: U-Net size, schedule, input transformation and
     sampler (``model.kind: diffusion``)."""
 
-    kind: Literal["diffusion"] = "diffusion"
-    widths: tuple[int, ...] = Field((32, 64, 128), min_length=1)
+    kind: Literal["diffusion"] = Field(
+        "diffusion", description="model family tag; `diffusion` selects this section"
+    )
+    widths: tuple[int, ...] = Field(
+        (32, 64, 128),
+        min_length=1,
+        description="channels of the U-Net levels, finest first; each further level halves y "
+        "and x (time stays whole)",
+    )
     blocks: int = Field(1, ge=1, description="residual blocks per U-Net level")
     embedding: int = Field(64, ge=4, description="width of the lambda embedding")
-    lambda_min: float = -30.0
-    lambda_max: float = 30.0
-    transform: Literal["none", "sqrt", "learnt"] = "learnt"
+    lambda_min: float = Field(
+        -30.0, description="lowest log-SNR lambda of the truncated alpha-cosine schedule (at t = 1)"
+    )
+    lambda_max: float = Field(
+        30.0, description="highest log-SNR lambda of the schedule (at t = 0); above lambda_min"
+    )
+    transform: Literal["none", "sqrt", "learnt"] = Field(
+        "learnt",
+        description="input transformation to [-1, 1]: `none` 2u - 1, `sqrt` 2 sqrt(u) - 1, "
+        "`learnt` a monotone MLP trained jointly",
+    )
     min_gradient: float = Field(0.1, gt=0, description="c of the learnt transformation")
-    masking: tuple[float, float] = (-0.99975, 1.0)
+    masking: tuple[float, float] = Field(
+        (-0.99975, 1.0),
+        description="masking set M (low, high) in [-1, 1]: only transformed values inside it "
+        "enter the learnt transformation's log-Jacobian term",
+    )
     steps: int = Field(100, ge=1, description="sampler steps")
-    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    sampler: Literal["ancestral", "ddim"] = Field(
+        "ancestral",
+        description="sampler used unless a request names one: `ancestral` (stochastic steps) or "
+        "`ddim` (deterministic steps)",
+    )
     guidance: float = Field(
         1.0,
         ge=0,

@@ -36,16 +36,48 @@ LossName = Literal[tuple(losses.LOSSES)]  # type: ignore[valid-type]
 class VAEConfig(Strict):
     """The quantized-loss VAE: network size, objective and regulariser (``model.kind: vae``)."""
 
-    kind: Literal["vae"] = "vae"
-    widths: tuple[int, ...] = Field((64, 128, 256), min_length=2)
-    latent: int = Field(30, ge=1)
-    loss: LossName = "rec+wqt"
-    bins: int = Field(100, ge=2)
-    focal_lambda: float = Field(100.0, gt=0)
-    focal_beta: float = Field(0.2, gt=0)
-    focal_gamma: float = Field(1.0, ge=0)
-    regulariser: Literal["mmd", "kl"] = "mmd"
-    reg_weight: float = Field(1.0, ge=0)
+    kind: Literal["vae"] = Field("vae", description="model family tag; `vae` selects this section")
+    widths: tuple[int, ...] = Field(
+        (64, 128, 256),
+        min_length=2,
+        description="channels of the encoder levels, finest first; each width after the "
+        "first halves time, y and x once",
+    )
+    latent: int = Field(30, ge=1, description="dimension of the latent code z")
+    loss: LossName = Field(
+        "rec+wqt",
+        description="reconstruction objective: `rec` (MSE); quantized losses `qt`, `wqt`, "
+        "`rec+qt`, `rec+wqt`; focal losses `focal_mse`, `focal_hist`",
+    )
+    bins: int = Field(
+        100,
+        ge=2,
+        description="B, equal bins on [0, 1] of each input sample's histogram for the "
+        "quantized losses (`qt`, `wqt`, `rec+qt`, `rec+wqt`) and `focal_hist`",
+    )
+    focal_lambda: float = Field(
+        100.0, gt=0, description="lambda, the scale of the focal losses (`focal_mse`, `focal_hist`)"
+    )
+    focal_beta: float = Field(
+        0.2,
+        gt=0,
+        description="beta of `focal_mse`: its weight is sigmoid(beta * abs error) ** gamma",
+    )
+    focal_gamma: float = Field(
+        1.0,
+        ge=0,
+        description="gamma, the exponent of the focal losses' per-pixel weight (0: no weighting)",
+    )
+    regulariser: Literal["mmd", "kl"] = Field(
+        "mmd",
+        description="latent regulariser: `mmd`, MMD between codes z and N(0, I) draws (InfoVAE); "
+        "`kl`, KL divergence to N(0, I)",
+    )
+    reg_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the regulariser in rec_weight * L_rec + reg_weight * L_reg",
+    )
     rec_weight: float = Field(1.0, gt=0, description="lambda of the fair control lambda * L_rec")
 
     @field_validator("widths")

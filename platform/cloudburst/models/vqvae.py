@@ -67,7 +67,9 @@ class VQVAEConfig(Strict):
     """The VQ-VAE: codebook, network size, objective and adversarial terms
     (``model.kind: vqvae``)."""
 
-    kind: Literal["vqvae"] = "vqvae"
+    kind: Literal["vqvae"] = Field(
+        "vqvae", description="model family tag; `vqvae` selects this section"
+    )
     codebook_size: int = Field(2048, ge=2, le=65536, description="K codes (2048 or 4096)")
     code_dim: int = Field(256, ge=1, description="dimension of each code")
     widths: tuple[int, ...] = Field(
@@ -75,11 +77,21 @@ class VQVAEConfig(Strict):
         min_length=1,
         description="channels of each resolution level, finest first; the last repeats",
     )
-    residual_blocks: int = Field(3, ge=0, le=64)
+    residual_blocks: int = Field(
+        3,
+        ge=0,
+        le=64,
+        description="residual blocks at the coarsest level, in encoder and decoder each",
+    )
     downsample: int = Field(4, ge=1, le=64, description="spatial factor (power of 2)")
     beta: float = Field(0.25, ge=0, description="weight of the commitment loss")
     ema: bool = Field(False, description="learn the codebook by moving averages")
-    ema_decay: float = Field(0.99, ge=0, lt=1)
+    ema_decay: float = Field(
+        0.99,
+        ge=0,
+        lt=1,
+        description="decay of the codebook's moving averages (used when `ema` is on)",
+    )
     ema_epsilon: float = Field(1e-5, ge=0, description="Laplace smoothing of the EMA counts")
     dead_code_steps: int = Field(
         100, ge=0, description="restart codes unused for this many steps (0: never)"
@@ -87,19 +99,52 @@ class VQVAEConfig(Strict):
     dead_code_threshold: float = Field(
         1.0, gt=0, description="fewest vectors per step for a code to count as used"
     )
-    loss: LossName = "rec"
-    bins: int = Field(100, ge=2)
-    focal_lambda: float = Field(100.0, gt=0)
-    focal_beta: float = Field(0.2, gt=0)
-    focal_gamma: float = Field(1.0, ge=0)
+    loss: LossName = Field(
+        "rec",
+        description="reconstruction objective: `rec` (MSE); quantized losses `qt`, `wqt`, "
+        "`rec+qt`, `rec+wqt`; focal losses `focal_mse`, `focal_hist`",
+    )
+    bins: int = Field(
+        100,
+        ge=2,
+        description="B, equal bins on [0, 1] of each input sample's histogram for the "
+        "quantized losses (`qt`, `wqt`, `rec+qt`, `rec+wqt`) and `focal_hist`",
+    )
+    focal_lambda: float = Field(
+        100.0, gt=0, description="lambda, the scale of the focal losses (`focal_mse`, `focal_hist`)"
+    )
+    focal_beta: float = Field(
+        0.2,
+        gt=0,
+        description="beta of `focal_mse`: its weight is sigmoid(beta * abs error) ** gamma",
+    )
+    focal_gamma: float = Field(
+        1.0,
+        ge=0,
+        description="gamma, the exponent of the focal losses' per-pixel weight (0: no weighting)",
+    )
     output: Literal["sigmoid", "tanh", "linear"] = Field(
         "sigmoid", description="sigmoid for data.scaling unit, tanh for symmetric"
     )
     adversarial_weight: float = Field(0.2, ge=0, description="0: no discriminator")
     adversarial_start: int = Field(10_000, ge=0, description="training step it starts at")
-    adversarial_loss: Literal["hinge", "non_saturating"] = "hinge"
-    discriminator_width: int = Field(64, ge=1)
-    discriminator_layers: int = Field(3, ge=0, le=8)
+    adversarial_loss: Literal["hinge", "non_saturating"] = Field(
+        "hinge",
+        description="GAN objective of discriminator and generator: `hinge` or `non_saturating` "
+        "(binary cross-entropy)",
+    )
+    discriminator_width: int = Field(
+        64,
+        ge=1,
+        description="channels of the patch discriminator's first layer; each stride-2 layer "
+        "doubles them, up to 8x",
+    )
+    discriminator_layers: int = Field(
+        3,
+        ge=0,
+        le=8,
+        description="stride-2 layers of the patch discriminator (each halves y and x)",
+    )
 
     @field_validator("widths")
     @classmethod

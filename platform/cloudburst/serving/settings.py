@@ -68,8 +68,16 @@ class ServeSettings(BaseModel):
     root: str | None = Field(
         None, description="folder that relative local paths mean (default: where build runs)"
     )
-    tracking_uri: str | None = None
-    state_url: str = "outputs/serve/state"
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI models are loaded from (None: `MLFLOW_TRACKING_URI`, "
+        "else the local store under `root`)",
+    )
+    state_url: str = Field(
+        "outputs/serve/state",
+        description="where job records are kept: a local path (relative: under `root`) or an "
+        "object-storage URL",
+    )
     allowed_prefixes: list[PrefixEntry] = Field(
         default_factory=lambda: ["outputs/ensembles"],
         description="where outputs may go: a path or URL, or {prefix, storage, name}",
@@ -79,10 +87,13 @@ class ServeSettings(BaseModel):
         description="stores that conditional scenarios may read their observed window from",
     )
     api_key: str | None = Field(None, description="required in X-API-Key when set")
-    api_key_env: str = "CLOUDBURST_API_KEY"
-    max_members: int = Field(1_000_000, ge=1)
-    max_batch_size: int = Field(1024, ge=1)
-    max_chunk_members: int = Field(10_000, ge=1)
+    api_key_env: str = Field(
+        "CLOUDBURST_API_KEY",
+        description="environment variable holding the API key when `api_key` is not set",
+    )
+    max_members: int = Field(1_000_000, ge=1, description="members one request may ask, at most")
+    max_batch_size: int = Field(1024, ge=1, description="a request's `batch_size`, at most")
+    max_chunk_members: int = Field(10_000, ge=1, description="a request's `chunk_members`, at most")
     max_candidates_per_member: int = Field(
         1000, ge=1, description="rejection sampling: draws tried per member, at most"
     )
@@ -99,10 +110,21 @@ class ServeSettings(BaseModel):
     )
     max_queue: int = Field(16, ge=1, description="jobs in flight per ingress replica; then 429")
     max_attempts: int = Field(5, ge=1, description="drives of a job whose replica died")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
+    min_replicas: int = Field(
+        1, ge=0, description="generator replicas the autoscaler keeps, at least (0: none when idle)"
+    )
+    max_replicas: int = Field(
+        2, ge=1, description="generator replicas the autoscaler may start, at most"
+    )
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="CPUs each generator replica reserves (also its torch threads)"
+    )
+    gpus_per_replica: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs each generator replica reserves; above 0 models run on CUDA when "
+        "available (0: CPU only)",
+    )
     job_chunks_in_flight: int = Field(
         0,
         ge=0,

@@ -44,19 +44,26 @@ class SpaceError(ValueError):
 
 
 class Choice(Strict):
-    type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
+    type: Literal["choice"] = Field(
+        description="`choice`: one of `values` per trial, drawn at random (or by the search "
+        "algorithm)"
+    )
+    values: list[Any] = Field(min_length=1, description="the values to choose from, at least one")
 
 
 class Grid(Strict):
-    type: Literal["grid"]
-    values: list[Any] = Field(min_length=1)
+    type: Literal["grid"] = Field(
+        description="`grid`: every value, each in its own trial (times `samples`)"
+    )
+    values: list[Any] = Field(min_length=1, description="the values of the grid, at least one")
 
 
 class Uniform(Strict):
-    type: Literal["uniform"]
-    low: float
-    high: float
+    type: Literal["uniform"] = Field(
+        description="`uniform`: a float drawn uniformly in [low, high]"
+    )
+    low: float = Field(description="lower end of the range (finite, below `high`)")
+    high: float = Field(description="upper end of the range (finite)")
 
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
@@ -66,9 +73,11 @@ class Uniform(Strict):
 
 
 class LogUniform(Strict):
-    type: Literal["loguniform"]
-    low: float
-    high: float
+    type: Literal["loguniform"] = Field(
+        description="`loguniform`: a float in [low, high] whose logarithm is uniform"
+    )
+    low: float = Field(description="lower end of the range (above 0, below `high`)")
+    high: float = Field(description="upper end of the range (finite)")
 
     @model_validator(mode="after")
     def _ordered(self) -> LogUniform:
@@ -78,9 +87,9 @@ class LogUniform(Strict):
 
 
 class RandInt(Strict):
-    type: Literal["randint"]
-    low: int
-    high: int
+    type: Literal["randint"] = Field(description="`randint`: an integer in [low, high)")
+    low: int = Field(description="smallest value drawn (included)")
+    high: int = Field(description="end of the range (excluded), above `low`")
 
     @model_validator(mode="after")
     def _ordered(self) -> RandInt:

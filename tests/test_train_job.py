@@ -114,6 +114,7 @@ def test_trains_registers_and_resumes(tmp_path, store):
     assert "Started a local Ray instance" not in console
     assert "Successfully registered model" not in console
     assert "Created version '1'" not in console
+    assert "PreemptionWatcher" not in console
 
     # the same run name continues from the last checkpoint: epoch 1 only, not 0 again
     second = train(tmp_path, store, "train.epochs=2", "run.name=resume-me", "--verbose")

@@ -91,7 +91,9 @@ def start_local_ray(preferred_port: int = 8265) -> None:
     one it warns every second), and finds it through ``RAY_API_SERVER_ADDRESS``, set here
     while the cluster starts so every worker inherits it (and then taken back here):
     otherwise, with another Ray instance on the machine, it cannot tell which to ask and
-    fails with a traceback.
+    fails with a traceback. Ray Train's preemption watcher (it logs the drains of a cluster's
+    nodes, which a cluster on this machine does not have) is off here unless the user set
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``: it prints a core-worker error line at every run.
     """
     import socket
 
@@ -104,6 +106,7 @@ def start_local_ray(preferred_port: int = 8265) -> None:
         except OSError:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     key = "RAY_API_SERVER_ADDRESS"
     before = os.environ.get(key)
     os.environ[key] = f"http://127.0.0.1:{port}"

@@ -19,7 +19,8 @@ from cloudburst.data.ingest import describe, ingest, open_store, read_marker
 from cloudburst.data.sources import SourceError
 from cloudburst.data.windows import build_index, season_keys, split_index
 from cloudburst.ensembles.condition import ConditionError, read_condition
-from cloudburst.ensembles.generate import ResolvedModel, coordinates, generate
+from cloudburst.ensembles.generate import ResolvedModel, generate
+from cloudburst.ensembles.provenance import coordinates
 from cloudburst.ensembles.request import EnsembleRequest, Scenario
 
 GAP = slice(1000, 1003)  # three missing hours: windows must not span them

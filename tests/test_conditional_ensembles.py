@@ -17,13 +17,8 @@ from cloudburst import tracking
 from cloudburst.data.ingest import open_store
 from cloudburst.data.synthetic import SyntheticConfig, write_synthetic
 from cloudburst.data.transforms import Scale
-from cloudburst.ensembles.generate import (
-    EnsembleError,
-    ResolvedModel,
-    check_request,
-    generate,
-    regenerate,
-)
+from cloudburst.ensembles.checks import EnsembleError, check_request
+from cloudburst.ensembles.generate import ResolvedModel, generate, regenerate
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.models.package import PrecipitationModel
 

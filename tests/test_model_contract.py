@@ -169,7 +169,7 @@ CONDITIONS = {
 
 @pytest.mark.parametrize("name", registry.names())
 def test_scenarios_a_family_does_not_serve_are_refused_naming_what_serves_them(name):
-    from cloudburst.ensembles.generate import EnsembleError, check_kind
+    from cloudburst.ensembles.checks import EnsembleError, check_kind
     from cloudburst.ensembles.request import EnsembleRequest
 
     entry = registry.family(name)

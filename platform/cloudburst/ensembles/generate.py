@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cloudburst import storage, tracking
+from cloudburst.ensembles.checks import EnsembleError, check_kind, steerable
 from cloudburst.ensembles.condition import (
     ConditionError,
     ObservedWindow,
@@ -40,10 +41,10 @@ from cloudburst.ensembles.proposals import (
     member_rng,
     noise_seed,
 )
+from cloudburst.ensembles.provenance import coordinates, provenance, steering_arrays
 from cloudburst.ensembles.request import EnsembleRequest
 from cloudburst.ensembles.store import EnsembleStore, EnsembleStoreError, Layout, read_marker
 from cloudburst.ensembles.union import UnionFit
-from cloudburst.models import registry
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.models.roles import (
     Condition,
@@ -56,10 +57,6 @@ from cloudburst.models.roles import (
 DIRECTION_DRAWS = 4  # noise draws a diffusion model's extreme direction is averaged over
 DIRECTION_STEPS = 10  # sampler steps it is differentiated through, at most
 PILOT_DRAWS = 2**61  # the first draw index of a fit's pilot draws (beyond any member's)
-
-
-class EnsembleError(ValueError):
-    """The request cannot be served as asked (scenario unsupported, threshold unreachable...)."""
 
 
 @dataclass
@@ -79,85 +76,6 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
         raise EnsembleError(str(exc)) from None
     packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)
     return ResolvedModel(packaged, uri, version_uri, run_id, tags)
-
-
-# ---------------------------------------------------------------------------------- draws
-
-
-def check_kind(request: EnsembleRequest, kind: str, uri: str) -> None:
-    """Refuse a scenario or setting that the model family ``kind`` cannot serve."""
-    s = request.scenario
-    try:
-        entry = registry.family(kind)
-    except ValueError:
-        raise EnsembleError(
-            f"{uri} is a {kind} model, a family this server does not know "
-            f"(known: {', '.join(registry.names())})"
-        ) from None
-    if s.kind not in entry.scenarios:
-        served = (
-            ", ".join(k for k in registry.SCENARIOS if k in entry.scenarios)
-            or "none (it does not sample)"
-        )
-        others = sorted(
-            f.name for f in registry.families() if s.kind in f.scenarios and f.name != kind
-        )
-        hint = f"; {s.kind} is served by {', '.join(others)} models" if others else ""
-        raise EnsembleError(f"{uri} is a {kind} model: its scenarios are {served}{hint}")
-    if s.proposal == "fitted" and LatentModel not in entry.roles:
-        if not steerable(entry.roles):
-            raise EnsembleError(f"{uri} is a {kind} model: its draws cannot be steered")
-        if s.conditional:
-            raise EnsembleError(
-                f"the fitted proposal of a {kind} model serves unconditional extremes; "
-                f"steer a {s.kind} with proposal shift or tail"
-            )
-    if s.steered and s.conditional and not steerable(entry.roles):
-        raise EnsembleError(
-            f"{uri} is a {kind} model: it cannot steer a {s.kind}'s draws (proposal "
-            f"{s.proposal}); use proposal prior"
-        )
-    if not entry.sampler_settings and (request.steps is not None or request.sampler is not None):
-        raise EnsembleError(
-            f"steps and sampler apply to models with an iterative sampler; {uri} is a "
-            f"{kind} model (remove them from the request)"
-        )
-
-
-def steerable(roles: frozenset[type]) -> bool:
-    """Whether a family with ``roles`` can steer a sampler's initial noise."""
-    return NoiseSteerable in roles and ConditionalSampler in roles
-
-
-def steered_size(packaged: PrecipitationModel) -> int | None:
-    """How many numbers a shift direction has for this model: its latent size, or the
-    initial noise of one window (time x y x x) of a steerable sampler; None if it cannot be
-    steered."""
-    if packaged.plays(LatentModel):
-        return int(packaged.network(LatentModel).latent_size)
-    if steerable(packaged.family.roles):
-        return int(np.prod(packaged.window))
-    return None
-
-
-def check_request(request: EnsembleRequest, tags: dict[str, str], uri: str) -> None:
-    """What can be checked before the model is loaded, from its version's tags (model kind,
-    window, units): the scenario against the model, and a condition's store and window."""
-    kind = tags.get("model")
-    if not kind:
-        return
-    check_kind(request, kind, uri)
-    s = request.scenario
-    try:
-        window = tuple(int(n) for n in tags.get("window", "").split("x"))
-    except ValueError:
-        return
-    if s.conditional and len(window) == 3:
-        options = storage.options_from(s.condition.data, request.storage) if s.condition else None
-        try:
-            read_condition(s, window, tags.get("units", ""), options)  # type: ignore[arg-type]
-        except ConditionError as exc:
-            raise EnsembleError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------- engine
@@ -550,125 +468,6 @@ def draw_weight_sum(gen: Generator, start: int, end: int) -> float:
 
 def layout_of(request: EnsembleRequest, window: tuple[int, int, int]) -> Layout:
     return Layout(request.members, tuple(window), min(request.chunk_members, request.members))
-
-
-def provenance(request: EnsembleRequest, model: ResolvedModel, gen: Generator) -> dict[str, Any]:
-    stats = model.packaged.stats or {}
-    s = request.scenario
-    out: dict[str, Any] = {
-        "title": f"Cloudburst ensemble of {model.version_uri}",
-        "model_uri": model.uri,
-        "model_version_uri": model.version_uri,
-        "mlflow_run_id": model.run_id or "",
-        "model_kind": model.packaged.name,
-        "scenario": request.scenario.kind,
-        "seed": request.seed,
-        "batch_size": request.batch_size,
-        "training_units": stats.get("units", ""),
-        "model_window": [int(n) for n in model.packaged.window],
-    }
-    if gen.threshold is not None:
-        out["threshold"] = gen.threshold
-    if model.packaged.dry_threshold is not None:
-        out["dry_threshold"] = model.packaged.dry_threshold
-    if s.steered:
-        out["proposal"] = s.proposal
-        out["defensive"] = s.defensive
-        out["steered_input"] = (
-            "the latent code z"
-            if not gen.streams
-            else "the sampler's initial noise z_1 of the "
-            + ("first window" if s.kind == "extension" else "window")
-            + ", flattened from (1, time, y, x)"
-        )
-        if s.proposal == "shift":
-            out["shift"] = s.shift
-            out["direction_source"] = gen.direction_source
-        else:
-            out["tail_quantile"] = s.tail_quantile
-        if gen.fitted is not None:
-            out["fit_levels"] = [float(v) for v in gen.fitted.levels]
-            out["fit_level_probability"] = gen.fitted.level_probability
-            out["fit_pilot_draws"] = gen.fitted.pilot_draws
-    for key in ("time_step_hours",):
-        if key in stats:
-            out[key] = stats[key]
-    if gen.sampler_settings:
-        out["steps"] = int(request.steps or model.packaged.config.get("steps", 0))
-        out["sampler"] = str(request.sampler or model.packaged.config.get("sampler", ""))
-    if s.conditional:
-        frames = model.packaged.window[0]
-        out["guidance"] = gen.guidance
-        out["guidance_source"] = gen.guidance_source
-        if s.kind == "interpolation":
-            out["known_steps"] = [int(i) for i in np.flatnonzero(known_steps(s, frames))]
-        else:
-            out["context_steps"] = context_frames(s, frames)
-    if gen.observed is not None:
-        c = s.condition
-        assert c is not None
-        out.update(
-            {
-                "condition_data": c.data,
-                "condition_time": c.time,
-                "condition_y": c.y,
-                "condition_x": c.x,
-                "condition_store_fingerprint": gen.observed.store_fingerprint,
-                "time_step_hours": gen.observed.step_hours,
-            }
-        )
-    return out
-
-
-def steering_arrays(gen: Generator) -> dict[str, tuple[np.ndarray, list[str], str]]:
-    """The store's record of what steered the proposal: its direction, or its fit."""
-    if gen.direction is not None:
-        what = "unit direction of the shift proposal in the model's standard-normal input"
-        return {"direction": (gen.direction, ["direction_component"], what)}
-    if isinstance(gen.fitted, UnionFit):
-        places = ["noise_time", "noise_y", "noise_x"]
-        pattern = ["pattern_time", "pattern_y", "pattern_x"]
-        return {
-            "union_pattern": (gen.fitted.pattern, pattern, "noise pattern of the union proposal"),
-            "union_edge_patterns": (
-                gen.fitted.patterns,
-                ["edge_class", *pattern],
-                "the pattern of each edge class (how the window's edges crop it)",
-            ),
-            "union_place_class": (
-                gen.fitted.classes.reshape(gen.fitted.probabilities.shape),
-                places,
-                "edge class of each place",
-            ),
-            "union_place_probability": (
-                gen.fitted.probabilities,
-                places,
-                "probability of each place of the union proposal",
-            ),
-        }
-    if gen.fitted is not None:
-        dims = ["latent_component", "latent_component_2"]
-        return {
-            "fitted_mean": (gen.fitted.mean, dims[:1], "mean of the fitted proposal"),
-            "fitted_covariance": (gen.fitted.covariance, dims, "its covariance"),
-        }
-    return {}
-
-
-def coordinates(observed: ObservedWindow | None) -> dict[str, tuple[np.ndarray, dict]] | None:
-    """Real times and grid coordinates for a conditioned ensemble (None: window indices)."""
-    if observed is None:
-        return None
-    from cloudburst.data import calendars
-
-    # CF time in the condition's calendar: ``hours since <first step>``, calendar standard or
-    # the store's model calendar (e.g. 360_day), so xarray decodes it to the same times
-    hours, time_attrs = calendars.cf_time(observed.times, "hours")
-    return {
-        "time": (hours, time_attrs),
-        "y": (np.asarray(observed.y), observed.y_attrs),
-        "x": (np.asarray(observed.x), observed.x_attrs),
-    }
 
 
 @dataclass

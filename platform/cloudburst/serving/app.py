@@ -202,7 +202,8 @@ class EnsembleAPI:
         """How many numbers a shift direction of a registered version has (None: its draws
         cannot be steered), cached."""
         if version_uri not in self.steered_sizes:
-            from cloudburst.ensembles.generate import resolve, steered_size
+            from cloudburst.ensembles.checks import steered_size
+            from cloudburst.ensembles.generate import resolve
 
             size = steered_size(resolve(version_uri, self.tracking_uri).packaged)
             if len(self.steered_sizes) >= MODELS_PER_REPLICA:
@@ -361,7 +362,7 @@ class EnsembleAPI:
 
     @api.post("/v1/ensembles", status_code=202)
     async def submit(self, request: Request) -> Any:
-        from cloudburst.ensembles.generate import EnsembleError, check_request
+        from cloudburst.ensembles.checks import EnsembleError, check_request
         from cloudburst.ensembles.request import EnsembleRequest
 
         s = self.settings

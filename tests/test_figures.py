@@ -20,7 +20,7 @@ from cloudburst.config import SyntheticConfig, TrainJobConfig, VAEConfig  # noqa
 from cloudburst.data.ingest import open_store  # noqa: E402
 from cloudburst.data.synthetic import write_synthetic  # noqa: E402
 from cloudburst.data.transforms import for_data  # noqa: E402
-from cloudburst.evaluation import figures, report  # noqa: E402
+from cloudburst.evaluation import comparisons, figures, report  # noqa: E402
 from cloudburst.models import registry, scoring  # noqa: E402
 from cloudburst.models.package import PrecipitationModel
 
@@ -196,7 +196,7 @@ def test_intensity_histograms_densities_integrate_to_one(tmp_path):
         "diffusion": torch.tensor([300, 250, 200, 120, 70, 40, 10, 5, 2, 0, 0]),
     }
     title = "observed vs diffusion, validation years"
-    fig = figures.intensity_histograms(edges, counts, "mm/day", title)
+    fig = comparisons.intensity_histograms(edges, counts, "mm/day", title)
     assert isinstance(fig, Figure)
     full, low = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
@@ -222,7 +222,7 @@ def test_intensity_histograms_densities_integrate_to_one(tmp_path):
     observed = counts["observed"].astype(float)
     expected = np.where(observed > 0, observed / observed.sum() / np.diff(edges), np.nan)[:10]
     np.testing.assert_allclose(np.asarray(y[:-1], float), expected)
-    fig = figures.intensity_histograms(edges, counts, "mm/day", title, low_threshold=1.5)
+    fig = comparisons.intensity_histograms(edges, counts, "mm/day", title, low_threshold=1.5)
     assert fig.axes[1].lines[0].get_data()[0][-1] == 1.0  # bins up to an upper edge <= 1.5
     assert saved(fig, tmp_path, "hist") > 1000
 
@@ -231,15 +231,15 @@ def test_intensity_histograms_reject_bad_input():
     edges = np.linspace(0.0, 10.0, 6)
     good = np.ones(5)
     with pytest.raises(ValueError, match="4 counts for 5 bins"):
-        figures.intensity_histograms(edges, {"a": good, "b": np.ones(4)}, "mm", "t")
+        comparisons.intensity_histograms(edges, {"a": good, "b": np.ones(4)}, "mm", "t")
     with pytest.raises(ValueError, match="empty"):
-        figures.intensity_histograms(edges, {}, "mm", "t")
+        comparisons.intensity_histograms(edges, {}, "mm", "t")
     with pytest.raises(ValueError, match="strictly increasing"):
-        figures.intensity_histograms(edges[::-1], {"a": good}, "mm", "t")
+        comparisons.intensity_histograms(edges[::-1], {"a": good}, "mm", "t")
     with pytest.raises(ValueError, match="low_threshold"):
-        figures.intensity_histograms(edges, {"a": good}, "mm", "t", low_threshold=1.0)
+        comparisons.intensity_histograms(edges, {"a": good}, "mm", "t", low_threshold=1.0)
     with pytest.raises(ValueError, match="total count is zero"):
-        figures.intensity_histograms(edges, {"a": np.zeros(5)}, "mm", "t")
+        comparisons.intensity_histograms(edges, {"a": np.zeros(5)}, "mm", "t")
 
 
 def test_qq_compare_log_and_linear(tmp_path):
@@ -248,7 +248,7 @@ def test_qq_compare_log_and_linear(tmp_path):
     ref = np.quantile(sample, levels)
     others = {"vae": ref * 0.7, "diffusion": torch.from_numpy(ref * 1.1)}
     title = "QQ: vae and diffusion vs observed, 2019"
-    fig = figures.qq_compare(levels, ref, others, "mm/day", title)
+    fig = comparisons.qq_compare(levels, ref, others, "mm/day", title)
     (ax,) = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
@@ -266,16 +266,16 @@ def test_qq_compare_log_and_linear(tmp_path):
     # a narrow range stays linear and keeps zeros
     lv = np.linspace(0.0, 0.9, 10)
     q = np.linspace(0.0, 1.0, 10)
-    lin = figures.qq_compare(lv, q, {"a": q, "b": q * 2}, "mm", "t", reference_label="radar")
+    lin = comparisons.qq_compare(lv, q, {"a": q, "b": q * 2}, "mm", "t", reference_label="radar")
     assert lin.axes[0].get_xscale() == "linear"
     assert lin.axes[0].lines[0].get_data()[0][0] == 0.0
     assert lin.axes[0].get_xlabel().startswith("radar quantiles")
     with pytest.raises(ValueError, match="b: 9 quantiles for 10 levels"):
-        figures.qq_compare(lv, q, {"a": q, "b": q[:-1]}, "mm", "t")
+        comparisons.qq_compare(lv, q, {"a": q, "b": q[:-1]}, "mm", "t")
     with pytest.raises(ValueError, match="reference"):
-        figures.qq_compare(lv, q[:-1], {"a": q}, "mm", "t")
+        comparisons.qq_compare(lv, q[:-1], {"a": q}, "mm", "t")
     with pytest.raises(ValueError, match="empty"):
-        figures.qq_compare(lv, q, {}, "mm", "t")
+        comparisons.qq_compare(lv, q, {}, "mm", "t")
 
 
 def test_bias_maps_share_a_symmetric_scale(tmp_path):
@@ -284,7 +284,7 @@ def test_bias_maps_share_a_symmetric_scale(tmp_path):
     a[0, 0] = np.nan
     b[2, 3] = -2.5  # largest absolute value, negative
     title = "bias of vae and diffusion, DJF"
-    fig = figures.bias_maps({"vae": a, "diffusion": torch.from_numpy(b)}, title)
+    fig = comparisons.bias_maps({"vae": a, "diffusion": torch.from_numpy(b)}, title)
     assert " ".join(fig.get_suptitle().split()) == title
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 2 and len(fig.axes) == 3  # one shared colourbar
@@ -296,12 +296,12 @@ def test_bias_maps_share_a_symmetric_scale(tmp_path):
         assert im.cmap.get_bad()[:3] == pytest.approx((0.6, 0.6, 0.6))
     assert fig.axes[-1].get_ylabel() == "mean-normalised bias"
     assert saved(fig, tmp_path, "bias") > 1000
-    zero = figures.bias_maps({"a": np.zeros((3, 3)), "b": np.full((3, 3), np.nan)}, "t", "bias")
+    zero = comparisons.bias_maps({"a": np.zeros((3, 3)), "b": np.full((3, 3), np.nan)}, "t", "bias")
     assert zero.axes[0].images[0].get_clim() == (-1e-6, 1e-6)
     with pytest.raises(ValueError, match=r"b: expected a \(y, x\) map"):
-        figures.bias_maps({"a": a, "b": np.zeros((2, 3, 4))}, "t")
+        comparisons.bias_maps({"a": a, "b": np.zeros((2, 3, 4))}, "t")
     with pytest.raises(ValueError, match="empty"):
-        figures.bias_maps({}, "t")
+        comparisons.bias_maps({}, "t")
 
 
 def test_spectra_log_log_skip_non_positive(tmp_path):
@@ -310,7 +310,7 @@ def test_spectra_log_log_skip_non_positive(tmp_path):
     p2 = p1 * 0.5
     p2[5] = -1.0
     title = "radial spectra: vae, diffusion, observed"
-    fig = figures.spectra({"vae": (f, p1), "diffusion": (f, p2)}, "wavenumber (1/km)", title)
+    fig = comparisons.spectra({"vae": (f, p1), "diffusion": (f, p2)}, "wavenumber (1/km)", title)
     (ax,) = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
@@ -320,16 +320,16 @@ def test_spectra_log_log_skip_non_positive(tmp_path):
     assert len(ax.lines[1].get_data()[0]) == 9  # and the negative power
     assert saved(fig, tmp_path, "spectra") > 1000
     with pytest.raises(ValueError, match="b: 11 frequencies and 10 power"):
-        figures.spectra({"a": (f, p1), "b": (f, p1[:-1])}, "k", "t")
+        comparisons.spectra({"a": (f, p1), "b": (f, p1[:-1])}, "k", "t")
     with pytest.raises(ValueError, match="pair"):
-        figures.spectra({"a": (f, p1, p1)}, "k", "t")
+        comparisons.spectra({"a": (f, p1, p1)}, "k", "t")
 
 
 def test_rank_histograms_calibration_lines(tmp_path):
     h1 = np.full(10, 0.1)
     h2 = np.r_[0.3, np.full(8, 0.05), 0.3]
     title = "rank histograms: ensemble of 9, vae and diffusion"
-    fig = figures.rank_histograms({"vae": h1, "diffusion": h2}, title)
+    fig = comparisons.rank_histograms({"vae": h1, "diffusion": h2}, title)
     (ax,) = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
     assert len(ax.lines) == 3
@@ -344,13 +344,13 @@ def test_rank_histograms_calibration_lines(tmp_path):
     assert ax.get_xlabel() == "rank of observation (normalised)"
     assert ax.get_ylabel() == "relative frequency"
     assert saved(fig, tmp_path, "rank") > 1000
-    mixed = figures.rank_histograms({"a": h1, "b": np.full(5, 0.2)}, "t")
+    mixed = comparisons.rank_histograms({"a": h1, "b": np.full(5, 0.2)}, "t")
     assert len(mixed.axes[0].lines) == 4  # one calibrated line per ensemble size
     assert {line.get_ydata()[0] for line in mixed.axes[0].lines[2:]} == {0.1, 0.2}
     with pytest.raises(ValueError, match="b: empty"):
-        figures.rank_histograms({"a": h1, "b": np.array([])}, "t")
+        comparisons.rank_histograms({"a": h1, "b": np.array([])}, "t")
     with pytest.raises(ValueError, match="non-negative"):
-        figures.rank_histograms({"a": -h1}, "t")
+        comparisons.rank_histograms({"a": -h1}, "t")
 
 
 def test_reliability_diagram_skips_nan(tmp_path):
@@ -368,7 +368,7 @@ def test_reliability_diagram_skips_nan(tmp_path):
         },
     }
     title = "reliability, P(> 10 mm/day): vae and diffusion"
-    fig = figures.reliability_diagram(curves, title)
+    fig = comparisons.reliability_diagram(curves, title)
     main, below = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
     assert len(main.lines) == 3  # diagonal and two models
@@ -382,10 +382,10 @@ def test_reliability_diagram_skips_nan(tmp_path):
     assert below.get_xlabel() == "forecast probability" and below.get_ylabel() == "cases"
     assert saved(fig, tmp_path, "reliability") > 1000
     with pytest.raises(ValueError, match="missing key"):
-        figures.reliability_diagram({"a": {"forecast": forecast, "observed": forecast}}, "t")
+        comparisons.reliability_diagram({"a": {"forecast": forecast, "observed": forecast}}, "t")
     bad = {"forecast": forecast, "observed": forecast[:3], "cases": forecast}
     with pytest.raises(ValueError, match="differ in length"):
-        figures.reliability_diagram({"a": bad}, "t")
+        comparisons.reliability_diagram({"a": bad}, "t")
 
 
 def test_return_levels_bands(tmp_path):
@@ -406,7 +406,7 @@ def test_return_levels_bands(tmp_path):
         },
     }
     title = "GEV return levels of annual maxima: observed and diffusion"
-    fig = figures.return_levels(curves, "mm/day", title)
+    fig = comparisons.return_levels(curves, "mm/day", title)
     (ax,) = fig.axes
     assert " ".join(fig.get_suptitle().split()) == title
     assert ax.get_xscale() == "log"
@@ -418,8 +418,8 @@ def test_return_levels_bands(tmp_path):
     assert saved(fig, tmp_path, "return") > 1000
     bad = dict(curves["observed"], lower=levels[:-1])
     with pytest.raises(ValueError, match="differ in length"):
-        figures.return_levels({"a": bad}, "mm/day", "t")
+        comparisons.return_levels({"a": bad}, "mm/day", "t")
     with pytest.raises(ValueError, match="missing key"):
-        figures.return_levels({"a": {"periods": periods}}, "mm/day", "t")
+        comparisons.return_levels({"a": {"periods": periods}}, "mm/day", "t")
     with pytest.raises(ValueError, match="empty"):
-        figures.return_levels({}, "mm/day", "t")
+        comparisons.return_levels({}, "mm/day", "t")

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from cloudburst.evaluation import figures
+from cloudburst.evaluation import comparisons
 from cloudburst.evaluation.entries import Entry, generation_metrics
 from cloudburst.evaluation.observations import FieldSummary, Observed, SpellAccumulator
 from cloudburst.evaluation.publish import build_figures, nan_to_none
@@ -201,7 +201,7 @@ def test_figure_has_one_line_per_entry_per_distribution():
         "m1": {"wet": [0, 0, 1.0], "dry": [np.nan] * 3, "wet_fraction": 1.0},
         "m2": {"wet": [1.0, 0, 0], "dry": [1.0, 0, 0], "wet_fraction": 0.5},
     }
-    fig = figures.wet_dry_spells(curves, "wet and dry spells")
+    fig = comparisons.wet_dry_spells(curves, "wet and dry spells")
     wet_ax, dry_ax = fig.axes
     for ax in (wet_ax, dry_ax):
         assert len(ax.get_lines()) == 3
@@ -210,7 +210,7 @@ def test_figure_has_one_line_per_entry_per_distribution():
     assert lines_of(wet_ax)[1] == "m1 (wet fraction 1.000)"
     assert fig.get_suptitle() == "wet and dry spells"
     with pytest.raises(ValueError, match="differ in length"):
-        figures.wet_dry_spells({"x": {"wet": [1.0], "dry": [0.5, 0.5]}}, "t")
+        comparisons.wet_dry_spells({"x": {"wet": [1.0], "dry": [0.5, 0.5]}}, "t")
 
 
 def test_build_figures_draws_wet_dry_spells(tmp_path):

@@ -1,7 +1,7 @@
 """Publishing an evaluation: figures, ``metrics.json`` and the MLflow run.
 
 :func:`build_figures` draws every source on shared axes against the observed windows
-(:mod:`cloudburst.evaluation.figures`), :func:`conditional_figures` the skill of conditional
+(:mod:`cloudburst.evaluation.comparisons`), :func:`conditional_figures` the skill of conditional
 stores by step; :func:`save_figures` writes them as PNG under ``OUT/figures``,
 :func:`write_metrics` writes ``OUT/metrics.json`` atomically (:func:`nan_to_none` first: JSON
 has no NaN), and :func:`log_to_mlflow` logs both to a run linked to the models' runs and adds
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cloudburst import registry_notes, tracking
-from cloudburst.evaluation import figures
+from cloudburst.evaluation import comparisons, figures
 from cloudburst.evaluation.entries import Entry
 from cloudburst.evaluation.observations import FieldSummary, Observed, top_windows
 from cloudburst.evaluation.request import EvaluationRequest
@@ -62,7 +62,7 @@ def build_figures(
         )
         figures.wrapped_title(made["quantized_mse"], f"quantized MSE per bin: {names} on {data}")
         qq = models[0].curves["qq_reconstruction"]
-        made["qq_reconstruction"] = figures.qq_compare(
+        made["qq_reconstruction"] = comparisons.qq_compare(
             qq["levels"],
             qq["observed"],
             {e.label: e.curves["qq_reconstruction"]["model"] for e in models},
@@ -70,14 +70,14 @@ def build_figures(
             f"reconstruction QQ: {names} on {data}",
         )
     hist = {"observed": obs_summary.hist.counts} | {e.label: e.summary.hist.counts for e in entries}  # type: ignore[union-attr]
-    made["intensity_histograms"] = figures.intensity_histograms(
+    made["intensity_histograms"] = comparisons.intensity_histograms(
         obs_summary.edges, hist, units, f"intensities: {names} on {data}", request.low_threshold
     )
     n_obs = int(np.isfinite(obs.x).sum())
     levels = figures.qq_levels(n_obs)
     others = {e.label: e.summary.quantiles.quantiles(levels) for e in entries}  # type: ignore[union-attr]
     observed_q = obs_summary.quantiles.quantiles(levels)
-    made["qq_generation"] = figures.qq_compare(
+    made["qq_generation"] = comparisons.qq_compare(
         levels, observed_q, others, units, f"generated QQ: {names} on {data}"
     )
     for e in entries:
@@ -86,7 +86,7 @@ def build_figures(
             "observed": observed_q,
             "model": others[e.label],
         }
-    made["bias_maps"] = figures.bias_maps(
+    made["bias_maps"] = comparisons.bias_maps(
         {e.label: e.curves["bias_map"] for e in entries}, f"mean-normalised bias on {data}"
     )
     for name, axis, accumulator, xlabel, what in (
@@ -98,7 +98,7 @@ def build_figures(
         curves = {"observed": accumulator.compute()} | {
             e.label: (e.curves[name][axis], e.curves[name]["power"]) for e in entries
         }
-        made[name] = figures.spectra(
+        made[name] = comparisons.spectra(
             curves, xlabel, f"{what}: {names} on {data}", ylabel=f"power (({units})²)"
         )
     # wet fraction and spell lengths: does a model drizzle everywhere, are dry spells short?
@@ -107,7 +107,7 @@ def build_figures(
         for e in entries
     }
     wet = obs_summary.wet_threshold
-    made["wet_dry_spells"] = figures.wet_dry_spells(
+    made["wet_dry_spells"] = comparisons.wet_dry_spells(
         spells,
         f"wet and dry spells (wet: > {wet:g}{' ' + units if units else ''}): {names} on {data}",
     )
@@ -122,7 +122,7 @@ def build_figures(
         if e.summary is not None and e.summary.top is not None and e.summary.top.size:
             top_curves[f"{e.label} generated"] = np.quantile(_finite(e.summary.top), tl)
     if tl.size and top_curves:  # no observed window above q0.99: nothing to compare
-        made["extremes_qq"] = figures.qq_compare(
+        made["extremes_qq"] = comparisons.qq_compare(
             tl,
             np.quantile(_finite(top_obs), tl),
             top_curves,
@@ -136,7 +136,7 @@ def build_figures(
     }
     rank = {k2: v for k2, v in rank.items() if v is not None}
     if rank:
-        made["rank_histogram"] = figures.rank_histograms(rank, f"rank histograms on {data}")
+        made["rank_histogram"] = comparisons.rank_histograms(rank, f"rank histograms on {data}")
     for name in thresholds:
         rel = {}
         for e in entries:
@@ -144,14 +144,14 @@ def build_figures(
             if r is not None:
                 rel[e.label] = r
         if rel:
-            made[f"reliability_{name}"] = figures.reliability_diagram(
+            made[f"reliability_{name}"] = comparisons.reliability_diagram(
                 rel, f"reliability of P(> {thresholds[name]:.3g} {units}) on {data}"
             )
     rl = {e.label: e.curves["return_levels"] for e in entries if e.curves.get("return_levels")}
     if observed_levels is not None:
         rl = {"observed": observed_levels} | rl
     if rl:
-        made["return_levels"] = figures.return_levels(
+        made["return_levels"] = comparisons.return_levels(
             rl,
             units,
             f"return levels of window maxima: {names} on {data}",
@@ -171,10 +171,10 @@ def conditional_figures(entries: list[Entry], units: str) -> dict[str, Any]:
         return {}
     names = ", ".join(by_step)
     made = {
-        "conditional_crps": figures.conditional_skill(
+        "conditional_crps": comparisons.conditional_skill(
             by_step, units, f"CRPS on the withheld steps by hour: {names}"
         ),
-        "conditional_rank_histograms": figures.rank_histograms(
+        "conditional_rank_histograms": comparisons.rank_histograms(
             {
                 e.label: e.curves["cond_rank_histogram"]
                 for e in entries

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from cloudburst import registry_notes, tracking
 from cloudburst.config import TrainJobConfig
 from cloudburst.data.samples import split_windows
-from cloudburst.evaluation import figures
+from cloudburst.evaluation import comparisons, figures
 from cloudburst.models.package import PrecipitationModel
 from cloudburst.models.roles import (
     DiscreteCoder,
@@ -318,13 +318,13 @@ def _log_generative_evaluation(
     title = f"{cfg.run.registered_model} on {cfg.data.store}"
     made = {
         "samples": figures.samples_grid(generated[:8], units),
-        "intensity_histograms": figures.intensity_histograms(
+        "intensity_histograms": comparisons.intensity_histograms(
             edges, counts, units, f"intensities: {title}"
         ),
     }
     if packaged.plays(TransformedInput):
         network = packaged.network(TransformedInput)
-        made["transformation"] = figures.transformation_curve(
+        made["transformation"] = comparisons.transformation_curve(
             physical(packaged.transform, u).numpy(),
             network.to_model_space(u).numpy(),
             units,

@@ -31,13 +31,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 __all__ = [
+    "FocalBeta",
+    "FocalGamma",
+    "FocalLambda",
+    "HistogramBins",
     "LOSSES",
+    "LossChoice",
+    "LossName",
     "RECONSTRUCTION_LOSSES",
     "LossSpec",
     "QuantizedMSE",
@@ -604,3 +611,40 @@ LOSSES: dict[str, LossSpec] = {
     ),
 }
 RECONSTRUCTION_LOSSES: frozenset[str] = frozenset(LOSSES)
+
+
+# The fields of a model config that chooses one of these losses (the VAE's and the VQ-VAE's):
+# one definition of their bounds and descriptions; each config gives its own defaults.
+LossName = Literal[tuple(LOSSES)]  # type: ignore[valid-type]
+LossChoice = Annotated[
+    LossName,
+    Field(
+        description="reconstruction objective: `rec` (MSE); quantized losses `qt`, `wqt`, "
+        "`rec+qt`, `rec+wqt`; focal losses `focal_mse`, `focal_hist`"
+    ),
+]
+HistogramBins = Annotated[
+    int,
+    Field(
+        ge=2,
+        description="B, equal bins on [0, 1] of each input sample's histogram for the "
+        "quantized losses (`qt`, `wqt`, `rec+qt`, `rec+wqt`) and `focal_hist`",
+    ),
+]
+FocalLambda = Annotated[
+    float,
+    Field(gt=0, description="lambda, the scale of the focal losses (`focal_mse`, `focal_hist`)"),
+]
+FocalBeta = Annotated[
+    float,
+    Field(
+        gt=0, description="beta of `focal_mse`: its weight is sigmoid(beta * abs error) ** gamma"
+    ),
+]
+FocalGamma = Annotated[
+    float,
+    Field(
+        ge=0,
+        description="gamma, the exponent of the focal losses' per-pixel weight (0: no weighting)",
+    ),
+]

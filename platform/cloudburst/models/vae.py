@@ -30,8 +30,6 @@ from cloudburst.schema import Strict
 
 log = logging.getLogger(__name__)
 
-LossName = Literal[tuple(losses.LOSSES)]  # type: ignore[valid-type]
-
 
 class VAEConfig(Strict):
     """The quantized-loss VAE: network size, objective and regulariser (``model.kind: vae``)."""
@@ -44,30 +42,11 @@ class VAEConfig(Strict):
         "first halves time, y and x once",
     )
     latent: int = Field(30, ge=1, description="dimension of the latent code z")
-    loss: LossName = Field(
-        "rec+wqt",
-        description="reconstruction objective: `rec` (MSE); quantized losses `qt`, `wqt`, "
-        "`rec+qt`, `rec+wqt`; focal losses `focal_mse`, `focal_hist`",
-    )
-    bins: int = Field(
-        100,
-        ge=2,
-        description="B, equal bins on [0, 1] of each input sample's histogram for the "
-        "quantized losses (`qt`, `wqt`, `rec+qt`, `rec+wqt`) and `focal_hist`",
-    )
-    focal_lambda: float = Field(
-        100.0, gt=0, description="lambda, the scale of the focal losses (`focal_mse`, `focal_hist`)"
-    )
-    focal_beta: float = Field(
-        0.2,
-        gt=0,
-        description="beta of `focal_mse`: its weight is sigmoid(beta * abs error) ** gamma",
-    )
-    focal_gamma: float = Field(
-        1.0,
-        ge=0,
-        description="gamma, the exponent of the focal losses' per-pixel weight (0: no weighting)",
-    )
+    loss: losses.LossChoice = "rec+wqt"
+    bins: losses.HistogramBins = 100
+    focal_lambda: losses.FocalLambda = 100.0
+    focal_beta: losses.FocalBeta = 0.2
+    focal_gamma: losses.FocalGamma = 1.0
     regulariser: Literal["mmd", "kl"] = Field(
         "mmd",
         description="latent regulariser: `mmd`, MMD between codes z and N(0, I) draws (InfoVAE); "

@@ -53,7 +53,6 @@ __all__ = ["FAMILY", "LEARNING_RATE", "ResidualBlock", "VQVAE", "VQVAEConfig"]
 
 log = logging.getLogger(__name__)
 
-LossName = Literal[tuple(losses.LOSSES)]  # type: ignore[valid-type]
 
 # the study's learning rate (the default when train.lr is not given)
 LEARNING_RATE = 4.5e-6
@@ -99,30 +98,11 @@ class VQVAEConfig(Strict):
     dead_code_threshold: float = Field(
         1.0, gt=0, description="fewest vectors per step for a code to count as used"
     )
-    loss: LossName = Field(
-        "rec",
-        description="reconstruction objective: `rec` (MSE); quantized losses `qt`, `wqt`, "
-        "`rec+qt`, `rec+wqt`; focal losses `focal_mse`, `focal_hist`",
-    )
-    bins: int = Field(
-        100,
-        ge=2,
-        description="B, equal bins on [0, 1] of each input sample's histogram for the "
-        "quantized losses (`qt`, `wqt`, `rec+qt`, `rec+wqt`) and `focal_hist`",
-    )
-    focal_lambda: float = Field(
-        100.0, gt=0, description="lambda, the scale of the focal losses (`focal_mse`, `focal_hist`)"
-    )
-    focal_beta: float = Field(
-        0.2,
-        gt=0,
-        description="beta of `focal_mse`: its weight is sigmoid(beta * abs error) ** gamma",
-    )
-    focal_gamma: float = Field(
-        1.0,
-        ge=0,
-        description="gamma, the exponent of the focal losses' per-pixel weight (0: no weighting)",
-    )
+    loss: losses.LossChoice = "rec"
+    bins: losses.HistogramBins = 100
+    focal_lambda: losses.FocalLambda = 100.0
+    focal_beta: losses.FocalBeta = 0.2
+    focal_gamma: losses.FocalGamma = 1.0
     output: Literal["sigmoid", "tanh", "linear"] = Field(
         "sigmoid", description="sigmoid for data.scaling unit, tanh for symmetric"
     )

@@ -210,29 +210,73 @@ def test_a_rejected_draw_count_enters_the_estimate(model, tmp_path):
 
 
 def test_union_weights_are_p_over_q_of_the_mixture_of_placed_patterns(model, tmp_path):
-    """The fitted proposal of a diffusion model: a mixture over places of its noise pattern
-    centred there. Its weights against a direct density computation (scipy, each component
-    built by padding the pattern, independently of the proposal's own placement)."""
+    """The fitted proposal of a diffusion model: a mixture over places of Gaussians centred
+    on its noise pattern there, with their own variances along the pattern, around it in its
+    box and beyond. Its weights against a direct density computation (scipy, each component's
+    mean built by padding the pattern and its covariance matrix written out, independently of
+    the proposal's own placement)."""
     request = ask(tmp_path / "u.zarr", scenario={"kind": "extreme", "proposal": "fitted"})
     gen = Generator(request, model)
     union = gen.fitted
     assert isinstance(union, UnionFit) and union.pilot_draws > 0
     assert union.probabilities.shape == WINDOW and union.pattern.shape == PATTERN
+    assert not np.allclose(union.spreads, 1.0)  # the variances were fitted, not left at 1
     z, w = gen.proposal.draw(request.seed, np.arange(12))
     r = np.array(RADIUS)
     padded = np.zeros(tuple(np.array(WINDOW) + 2 * r))
-    components = []
+    inner = tuple(slice(h, h + n) for h, n in zip(r, WINDOW, strict=True))
+    along, around, beyond = union.spreads
+    log_each = []
     for j, place in enumerate(np.ndindex(*WINDOW)):
-        big = padded.copy()
-        pattern = union.patterns[union.classes[j]]  # its edge class's
-        big[tuple(slice(c, c + 2 * h + 1) for c, h in zip(place, r, strict=True))] = pattern
-        components.append(big[tuple(slice(h, h + n) for h, n in zip(r, WINDOW, strict=True))])
-    centres = np.stack(components).reshape(SIZE, SIZE)
+        big, box = padded.copy(), padded.copy()
+        where = tuple(slice(c, c + 2 * h + 1) for c, h in zip(place, r, strict=True))
+        big[where] = union.patterns[union.classes[j]]  # its edge class's
+        box[where] = 1.0
+        centre, inside = big[inner].ravel(), box[inner].ravel() > 0
+        unit = centre / np.linalg.norm(centre)
+        cov = beyond * np.eye(SIZE)
+        cov[np.ix_(inside, inside)] = around * np.eye(int(inside.sum()))
+        cov += (along - around) * np.outer(unit, unit)
+        log_each.append(sps.multivariate_normal(centre, cov).logpdf(z))
     a = request.scenario.defensive
     log_p = sps.norm.logpdf(z).sum(axis=1)
-    log_each = np.stack([sps.norm.logpdf(z - c).sum(axis=1) for c in centres], axis=1)
-    log_mix = np.log(np.exp(log_each - log_p[:, None]) @ union.probabilities.ravel())
+    log_mix = np.log(
+        np.exp(np.stack(log_each, axis=1) - log_p[:, None]) @ union.probabilities.ravel()
+    )
     np.testing.assert_allclose(w, 1.0 / (a + (1 - a) * np.exp(log_mix)), rtol=1e-8)
+
+
+def test_a_union_component_draws_its_centre_and_its_three_variances():
+    """Elites whose noise is wider around their maximum's place (variance 1.6 in the
+    pattern's box) and a little wider beyond it (1.2) than the prior's, with a blob of 3 at
+    the place: the fit learns those variances, and the component then draws noise centred on
+    the pattern with the variances it was given (numbers checked part by part on 20,000
+    draws)."""
+    rng = np.random.default_rng(2)
+    window = (3, 7, 7)
+    centre = (1, 3, 3)
+    place = np.ravel_multi_index(centre, window)
+    box = np.zeros(window, dtype=bool)
+    box[tuple(slice(max(0, c - h), c + h + 1) for c, h in zip(centre, RADIUS, strict=True))] = True
+    scale = np.where(box.ravel(), np.sqrt(1.6), np.sqrt(1.2))
+    z = rng.normal(size=(400, box.size)) * scale
+    z[:, place] += 3.0
+    fit = fit_union(z, np.ones(400), np.full(400, place), window)
+    assert fit.spreads[1] == pytest.approx(1.6, abs=0.1)
+    assert fit.spreads[2] == pytest.approx(1.2, abs=0.05)
+    drawn = np.stack([fit.draw(place, row) for row in rng.normal(size=(20_000, box.size))])
+    c = fit.component(place)
+    np.testing.assert_allclose(drawn.mean(axis=0), c, atol=0.05)
+    unit = c / np.linalg.norm(c)
+    s = (drawn - c) @ unit
+    rest = (drawn - c) - s[:, None] * unit
+    assert s.var() == pytest.approx(fit.spreads[0], rel=0.05)
+    assert (rest[:, box.ravel()] ** 2).sum(axis=1).mean() / (box.sum() - 1) == pytest.approx(
+        fit.spreads[1], rel=0.03
+    )
+    assert (rest[:, ~box.ravel()] ** 2).mean() == pytest.approx(fit.spreads[2], rel=0.03)
+    with pytest.raises(ValueError, match="variances"):
+        UnionFit(fit.pattern, fit.probabilities, fit.patterns, np.array([1.0, np.nan, 1.0]))
 
 
 def test_a_union_is_fitted_to_the_noise_around_the_maxima():
@@ -347,6 +391,7 @@ def test_a_steered_store_records_its_proposal_and_any_member_regenerates_alone(
         assert isinstance(fit, UnionFit)
         np.testing.assert_array_equal(ens.union_edge_patterns.values, fit.patterns)
         np.testing.assert_array_equal(ens.union_place_class.values.ravel(), fit.classes)
+        np.testing.assert_array_equal(ens.union_spread.values, fit.spreads)
         pinned = Generator(request, model, steering=Generator(request, model).steering)
         x, _ = pinned.draws(np.array([4]))
         assert x[0].tobytes() == ens.precip.values[4].tobytes()

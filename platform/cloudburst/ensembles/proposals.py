@@ -269,7 +269,7 @@ class GaussianProposal:
         if isinstance(self.fitted, UnionFit):
             union = self.fitted
             place = union.place(rng.random())
-            z = u if from_prior else u + union.component(place)
+            z = u if from_prior else union.draw(place, u)
             log_mix = union.log_mixture(z)
             return z, 1.0 / (a + (1.0 - a) * math.exp(min(log_mix, 700.0)))
         if s.proposal == "fitted":

@@ -113,6 +113,12 @@ def steering_arrays(gen: Generator) -> dict[str, tuple[np.ndarray, list[str], st
                 places,
                 "probability of each place of the union proposal",
             ),
+            "union_spread": (
+                gen.fitted.spreads,
+                ["spread_part"],
+                "variances of the union's components: along the pattern, around it (the rest "
+                "of its box), beyond it",
+            ),
         }
     if gen.fitted is not None:
         dims = ["latent_component", "latent_component_2"]

@@ -1,7 +1,7 @@
 """Extreme scenarios: variance reduction of the importance-weighted exceedance estimator.
 
     .venv/bin/python benchmarks/extremes.py [--families vae diffusion]
-        [--samplers ddim ancestral] [--members 200000 128000] [--is-members 20000 4000]
+        [--samplers ddim ancestral] [--members 200000 128000] [--is-members 20000 16000]
         [--shift 3 [2 4 5 ...]] [--defensive 0.1] [--direction-draws 64]
         [--proposals shift fitted] [--pilot-draws 1000 16000]
         [--window 4 8 8] [--train-steps 300 300] [--lr 2e-4 2e-3] [--steps 8]
@@ -18,7 +18,8 @@ steering z_1 alone is expected to do less there); and ``proposal: fitted``: for 
 Gaussian N(m, C) over the latent fitted by the cross-entropy method to the model's own tail,
 aimed at the 0.999 level; for diffusion a union of local events (a noise pattern placed
 where maxima occur, one per edge class of places, learnt from the best 3% of 16,000 prior
-pilot draws, each pattern's numbers that are noise alone shrunk to 0); pilot draws counted in
+pilot draws, each pattern's numbers that are noise alone shrunk to 0, the noise's variance
+learnt along each pattern, around it and beyond it); pilot draws counted in
 the cost (of the extreme run: its members/s and so its VRF per second).
 
 Method:
@@ -49,7 +50,8 @@ Method:
 5. A cross-check of the IS variance that does not depend on the extreme run hitting its rare
    high-weight events: E_q[w^2 1_A] = E_p[w 1_A], so the plain run's own z (re-drawn from its
    seeds; checked against the DDIM members, which z_1 alone fixes) give the IS variance per
-   member as mean_plain(w(z) 1_A) - p^2 ("VRF plain-z"). Beside it, the mean of z.d over the
+   member as mean_plain(w(z) 1_A) - p^2, with p = p_plain ("VRF plain-z": the plain run's
+   figures alone). Beside it, the mean of z.d over the
    plain run's exceedances: a shift proposal helps where this is near the shift, and cannot
    where it is near 0 (events not along one direction of z).
 
@@ -347,9 +349,10 @@ def compare(
         over = plain.maxima > threshold
         vrf_pz, event_zd = float("nan"), float("nan")
         if w_plain is not None:
-            second = float(np.mean(w_plain * over))  # E_p[w 1_A] = E_q[w^2 1_A]
-            if second - p_is**2 > 0:
-                vrf_pz = var_plain / (second - p_is**2)
+            # from the plain run alone: E_p[w 1_A] = E_q[w^2 1_A], and p from its members
+            second = float(np.mean(w_plain * over))
+            if second - p_plain**2 > 0:
+                vrf_pz = p_plain * (1.0 - p_plain) / (second - p_plain**2)
         if zd is not None and over.any():
             event_zd = float(zd[over].mean())
         rows.append(
@@ -410,7 +413,7 @@ def main() -> int:
         "--is-members",
         type=int,
         nargs=2,
-        default=[20_000, 4_000],
+        default=[20_000, 16_000],
         metavar=("VAE", "DIFFUSION"),
         help="extreme-scenario members per shift",
     )
@@ -538,9 +541,10 @@ def main() -> int:
         )
     print(
         "agree: |p IS - p plain| / sqrt(se IS^2 + se plain^2); VRF/mbr: p(1-p) / (N_IS se_IS^2) "
-        "with p = p IS;\nVRF/s: VRF/mbr x IS members/s / plain members/s; plain-z: VRF/mbr with "
-        "the IS variance E_p[w 1_A] - p^2 from the plain run's z;\nevents, z.d: plain members "
-        "over L and their mean z.d (a shift proposal of shift S helps where z.d is near S)"
+        "with p = p IS;\nVRF/s: VRF/mbr x IS members/s / plain members/s; plain-z: VRF/mbr from "
+        "the plain run alone, p(1-p) / (E_p[w 1_A] - p^2) with p = p plain;\n"
+        "events, z.d: plain members over L and their mean z.d (a shift proposal of shift S "
+        "helps where z.d is near S)"
     )
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0

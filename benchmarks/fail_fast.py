@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _common import ROOT  # before cloudburst: package path, quiet defaults
-from cloudburst import storage, tracking
+from cloudburst import storage, tracking, versions
 from cloudburst.data import ingest, sources
 
 
@@ -84,8 +84,8 @@ def storage_case(protocol: str, data: Path) -> Callable[[], None]:
 def tracking_case() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     refused(lambda: tracking.check_tracking(uri), tracking.TrackingError)
-    refused(lambda: tracking.list_models(uri), tracking.TrackingError)
-    refused(lambda: tracking.promote("m", "1", tracking_uri=uri), tracking.TrackingError)
+    refused(lambda: versions.list_models(uri), tracking.TrackingError)
+    refused(lambda: versions.promote("m", "1", tracking_uri=uri), tracking.TrackingError)
 
 
 def silent_case() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import _common  # noqa: F401 - before cloudburst: package path, quiet defaults
-from cloudburst import tracking
+from cloudburst import tracking, versions
 from cloudburst.evaluation.evaluate import EvaluationRequest
 from cloudburst.evaluation.observations import observed_windows, run_params
 from cloudburst.evaluation.spectra import radial_psd, temporal_psd
@@ -62,7 +62,7 @@ def main() -> int:
     args = p.parse_args()
 
     uri = tracking.setup(args.tracking_uri)
-    version, run_id = tracking.pin(args.model, uri)
+    version, run_id = versions.pin(args.model, uri)
     packaged = tracking.load_model(version, tracking_uri=uri, map_location=args.device)
     if not packaged.plays(ConditionalSampler):
         print(

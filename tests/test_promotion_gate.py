@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from cloudburst import cli, tracking
+from cloudburst import cli, tracking, versions
 from cloudburst.config import SyntheticConfig, VAEConfig, WindowConfig
 from cloudburst.data.ingest import open_store
 from cloudburst.data.loader import WindowDataset
@@ -138,7 +138,7 @@ def test_no_champion_promotes_without_a_comparison_and_again_is_a_no_op(
 def test_a_worse_candidate_is_refused_naming_the_metric_and_the_figures(
     registry_uri, mlflow_state, capsys, tmp_path
 ):
-    tracking.promote(NAME, "1", "refuse", tracking_uri=registry_uri)
+    versions.promote(NAME, "1", "refuse", tracking_uri=registry_uri)
     out_dir = tmp_path / "eval"
     assert promote(registry_uri, "2", "refuse", "--out", str(out_dir)) == 2
     captured = capsys.readouterr()
@@ -167,7 +167,7 @@ def test_a_worse_candidate_is_refused_naming_the_metric_and_the_figures(
 
 
 def test_a_better_candidate_passes_and_takes_the_alias(registry_uri, mlflow_state, tmp_path):
-    tracking.promote(NAME, "2", "accept", tracking_uri=registry_uri)
+    versions.promote(NAME, "2", "accept", tracking_uri=registry_uri)
     verdict = gate.promote_gated(
         NAME, "1", "accept", tracking_uri=registry_uri, out=tmp_path, **SETTINGS
     )
@@ -185,7 +185,7 @@ def test_a_better_candidate_passes_and_takes_the_alias(registry_uri, mlflow_stat
 def test_force_needs_a_reason_and_then_promotes_and_records_it(
     registry_uri, mlflow_state, capsys, tmp_path
 ):
-    tracking.promote(NAME, "1", "forced", tracking_uri=registry_uri)
+    versions.promote(NAME, "1", "forced", tracking_uri=registry_uri)
     assert promote(registry_uri, "2", "forced", "--force") == 2
     err = capsys.readouterr().err
     assert "--force needs --reason" in err and "Traceback" not in err
@@ -222,7 +222,7 @@ def test_a_diffusion_model_is_gated_on_generation_metrics(
         tracking.log_and_register(
             packaged, name="gate-diffusion", tags={"dataset": store}, tracking_uri=registry_uri
         )
-    tracking.promote("gate-diffusion", "1", tracking_uri=registry_uri)
+    versions.promote("gate-diffusion", "1", tracking_uri=registry_uri)
     verdict = gate.gate("gate-diffusion", "2", tracking_uri=registry_uri, out=tmp_path, **SETTINGS)
     assert verdict.family == "diffusion" and verdict.status in ("passed", "refused")
     assert [r.metric for r in verdict.rows] == [m.name for m in gate_rules.GENERATION_GATE]
@@ -243,7 +243,7 @@ def test_a_version_without_its_data_cannot_be_compared_unless_forced(
         tracking.log_and_register(
             packaged, name="gate-untagged", tags=tags, tracking_uri=registry_uri
         )
-    tracking.promote("gate-untagged", "1", tracking_uri=registry_uri)
+    versions.promote("gate-untagged", "1", tracking_uri=registry_uri)
     argv = ["models", "promote", "gate-untagged", "2", "--tracking-uri", registry_uri]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

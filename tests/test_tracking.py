@@ -22,7 +22,7 @@ import servers  # noqa: E402
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from cloudburst import cli, tracking  # noqa: E402
+from cloudburst import cli, tracking, versions  # noqa: E402
 from cloudburst.config import DatasetJobConfig, VAEConfig  # noqa: E402
 from cloudburst.data.ingest import StoreStats  # noqa: E402
 from cloudburst.data.transforms import for_data  # noqa: E402
@@ -122,8 +122,8 @@ def test_unreachable_tracking_server_fails_fast_with_advice(mlflow_state):
     # the TCP probe's own answer (refused at once), not a client giving up after retries
     assert "refused" in message.lower()
     for call in (
-        lambda: tracking.list_models(uri),
-        lambda: tracking.promote("m", "1", tracking_uri=uri),
+        lambda: versions.list_models(uri),
+        lambda: versions.promote("m", "1", tracking_uri=uri),
     ):
         with pytest.raises(tracking.TrackingError, match="unreachable") as err:
             call()
@@ -239,12 +239,12 @@ def test_log_register_list_promote_and_load(store, capsys):
     aliases = client.get_registered_model("precip-vae").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"candidate": "2"}
 
-    assert tracking.promote("precip-vae", 1)["previous"] is None
-    moved = tracking.promote("precip-vae", "2", alias="champion")
+    assert versions.promote("precip-vae", 1)["previous"] is None
+    moved = versions.promote("precip-vae", "2", alias="champion")
     assert moved == {"name": "precip-vae", "version": "2", "alias": "champion", "previous": "1"}
-    tracking.promote("precip-vae", "1")
+    versions.promote("precip-vae", "1")
 
-    [listed] = tracking.list_models(store)
+    [listed] = versions.list_models(store)
     assert listed["name"] == "precip-vae" and listed["aliases"] == {
         "candidate": "2",
         "champion": "1",
@@ -278,11 +278,11 @@ def test_log_register_list_promote_and_load(store, capsys):
 def test_promote_unknown_model_or_version_errors_clearly(store, capsys):
     tracking.log_and_register(package(), name="known", tags={"dataset": "synthetic"})
     with pytest.raises(tracking.TrackingError, match=r"'known' has no version 7; versions: 1"):
-        tracking.promote("known", "7")
+        versions.promote("known", "7")
     with pytest.raises(tracking.TrackingError, match=r"no registered model 'nope'.*known"):
-        tracking.promote("nope", "1")
+        versions.promote("nope", "1")
     with pytest.raises(tracking.TrackingError, match="is a number"):
-        tracking.promote("known", "latest")
+        versions.promote("known", "latest")
     assert cli.main(["models", "promote", "known", "9", "--tracking-uri", store]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -345,9 +345,9 @@ def test_registry_round_trip_through_a_real_server(mlflow_server, mlflow_state):
     assert model_uri == f"models:/radar-vae/{version}"
     aliases = MlflowClient().get_registered_model("radar-vae").aliases
     assert {k: str(v) for k, v in aliases.items()} == {"candidate": version}
-    assert tracking.promote("radar-vae", version, tracking_uri=uri)["alias"] == "champion"
+    assert versions.promote("radar-vae", version, tracking_uri=uri)["alias"] == "champion"
     with pytest.raises(tracking.TrackingError, match="no version 99"):
-        tracking.promote("radar-vae", "99", tracking_uri=uri)
+        versions.promote("radar-vae", "99", tracking_uri=uri)
 
     loaded = tracking.load_model("models:/radar-vae@champion")
     assert_physical(loaded.sample(3, seed=0), 3)

@@ -215,10 +215,10 @@ def _tracking_error(args: argparse.Namespace, exc: Exception) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from cloudburst import tracking  # mlflow loads in about 1.5 s: only for these commands
+    from cloudburst import tracking, versions  # mlflow loads in about 1.5 s: only here
 
     try:
-        models = tracking.list_models(args.tracking_uri)
+        models = versions.list_models(args.tracking_uri)
     except tracking.TrackingError as exc:
         return _tracking_error(args, exc)
     if args.json:

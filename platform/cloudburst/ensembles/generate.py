@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloudburst import storage, tracking
+from cloudburst import storage, tracking, versions
 from cloudburst.ensembles.checks import EnsembleError, check_kind, steerable
 from cloudburst.ensembles.condition import (
     ConditionError,
@@ -71,7 +71,7 @@ class ResolvedModel:
 def resolve(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
     """Load ``uri`` pinned to a version: an alias is resolved to the version it points at now."""
     try:
-        version_uri, run_id, tags = tracking.pin_version(uri, tracking_uri)
+        version_uri, run_id, tags = versions.pin_version(uri, tracking_uri)
     except tracking.TrackingError as exc:
         raise EnsembleError(str(exc)) from None
     packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)

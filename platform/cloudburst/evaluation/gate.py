@@ -8,7 +8,7 @@ same observed windows of the same split and the same seed for both, logged to ML
 figures), then compared on the gate metrics of the candidate's model family
 (:data:`cloudburst.evaluation.gate_rules.GATE_METRICS`). The candidate is refused when it is
 worse than the holder beyond the tolerance on any of them;
-:func:`tracking.promote <cloudburst.tracking.promote>` moves the alias only when it passes, or
+:func:`versions.promote <cloudburst.versions.promote>` moves the alias only when it passes, or
 when forced with a reason.
 
 The data: the store the candidate was trained on (its version tag ``dataset``), unless given.
@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cloudburst import tracking
+from cloudburst import tracking, versions
 from cloudburst.config import StorageConfig
 from cloudburst.data.ingest import StoreError
 from cloudburst.evaluation.evaluate import evaluate
@@ -209,7 +209,7 @@ def promote_gated(
     if not verdict.passed and force:
         verdict.status = "forced"
     if verdict.passed or force:
-        tracking.promote(name, version, alias, tracking_uri=uri)
+        versions.promote(name, version, alias, tracking_uri=uri)
         verdict.promoted = True
         log.debug("%s@%s -> version %s (%s)", name, alias, version, verdict.status)
     else:
@@ -235,7 +235,7 @@ def _check_settings(samples: int, limit: int, members: int) -> None:
 
 def _registry(configured: str | None) -> tuple[str, Any]:
     """(tracking URI, a client of its tracking store and registry): ``configured``, else
-    MLflow's current URI if one was set, else the local store (as ``tracking.promote``)."""
+    MLflow's current URI if one was set, else the local store (as ``versions.promote``)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloudburst import tracking
+from cloudburst import tracking, versions
 from cloudburst.evaluation import figures
 from cloudburst.evaluation.entries import Entry, generation_metrics, model_label, split_scores
 from cloudburst.evaluation.observations import FieldSummary, Observed, run_params, top_windows
@@ -39,7 +39,7 @@ def model_entry(
     uri: str, request: EvaluationRequest, tracking_uri: str | None
 ) -> tuple[Entry, Any, dict[str, str]]:
     try:
-        version_uri, run_id = tracking.pin(uri, tracking_uri)
+        version_uri, run_id = versions.pin(uri, tracking_uri)
     except tracking.TrackingError as exc:
         raise EvaluationError(str(exc)) from None
     packaged = tracking.load_model(version_uri, tracking_uri=tracking_uri)

@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from cloudburst import storage, tracking
+from cloudburst import storage, tracking, versions
 from cloudburst.serving.body import parse_json, read_body, validation_message, without_storage
 from cloudburst.serving.drive import JobDriver, JobFailed
 from cloudburst.serving.generator import MODELS_PER_REPLICA, EnsembleGenerator, job_store
@@ -341,7 +341,7 @@ class EnsembleAPI:
     async def models(self, request: Request) -> Any:
         try:
             await self._authenticated(request)
-            listed = await asyncio.to_thread(tracking.list_models, self.tracking_uri)
+            listed = await asyncio.to_thread(versions.list_models, self.tracking_uri)
         except ApiError as exc:
             return error_response(exc)
         except tracking.TrackingError as exc:
@@ -383,7 +383,7 @@ class EnsembleAPI:
             checked = engine_req.model_copy(update={"storage": s.storage_for(engine_req.output)})
             try:
                 version_uri, _, tags = await asyncio.to_thread(
-                    tracking.pin_version, req.model, self.tracking_uri
+                    versions.pin_version, req.model, self.tracking_uri
                 )
             except tracking.TrackingError as exc:
                 raise ApiError(404, s.redact(str(exc))) from None

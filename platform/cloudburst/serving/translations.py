@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from cloudburst import storage, tracking
+from cloudburst import storage, tracking, versions
 from cloudburst.ensembles.request import MAX_URL_CHARS, check_place
 from cloudburst.markers import read_marker
 from cloudburst.serving.body import validation_message, without_storage
@@ -180,7 +180,7 @@ class ProductChecks:
         loaded now. Reads the registry: call in a thread."""
         s = self.settings
         try:
-            version_uri, _, _ = tracking.pin_version(req.model, self.tracking_uri)
+            version_uri, _, _ = versions.pin_version(req.model, self.tracking_uri)
         except tracking.TrackingError as exc:
             raise ApiError(404, s.redact(str(exc))) from None
         try:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cloudburst import arrow_fs, storage, tracking
+from cloudburst import arrow_fs, storage, tracking, versions
 from cloudburst.config import StorageConfig
 from cloudburst.ensembles.condition import GUIDANCE_TAG
 from cloudburst.schema import Strict
@@ -240,7 +240,7 @@ def run_guidance_sweep(sweep: GuidanceSweep) -> GuidanceOutcome:
     )
     uri = tracking.setup(sweep.tracking_uri, sweep.experiment)
     mlflow.set_registry_uri(uri)
-    version_uri, run_id, tags = tracking.pin_version(sweep.model, uri)
+    version_uri, run_id, tags = versions.pin_version(sweep.model, uri)
     packaged = tracking.load_model(version_uri, tracking_uri=uri)
     if not packaged.plays(ConditionalSampler):
         raise ValueError(

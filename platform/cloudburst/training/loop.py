@@ -78,8 +78,9 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, mixed_precision):
             loss, metrics = model(batch)
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"loss became {float(loss)} at step {step}; metrics {metrics}")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}; metrics {metrics}")
         loss.backward()
         if clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)

@@ -160,12 +160,10 @@ class UnionFit:
             index[j, : where.size] = where
             values[j, : where.size] = self.patterns[classes[j]][part].ravel()
             box[j, : where.size] = True
-        energy = (values * values).sum(axis=1)  # |c_j|^2
-        length = np.sqrt(energy)
+        length = np.sqrt((values * values).sum(axis=1))  # |c_j|
         object.__setattr__(self, "index", index)
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "box", box)
-        object.__setattr__(self, "energy", energy)
         object.__setattr__(self, "length", length)
         # u_j on the box (0 for a pattern denoised to nothing), and the numbers of each part
         units = np.divide(
@@ -236,15 +234,20 @@ class UnionFit:
         z[where] = around * (inside - s * u) + (self.length[place] + along * s) * u
         return z
 
-    def log_components(self, z: np.ndarray) -> np.ndarray:
-        """log N(z; c_j, S_j) / p(z) of every component j for one flat z (module doc)."""
-        along, around, beyond = self.spreads
-        n_along, n_around, n_beyond = self.counts
+    def parts(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(s, e, f) of one flat z for every component j: z . u_j, the squares of the rest
+        of z on B_j, the squares of z outside B_j (module doc)."""
         flat = np.asarray(z, dtype=np.float64).ravel()
         near = flat[self.index]
         s = (near * self.units).sum(axis=1)
         inner = np.where(self.box, near * near, 0.0).sum(axis=1)
-        e, f = inner - s * s, float(flat @ flat) - inner
+        return s, inner - s * s, float(flat @ flat) - inner
+
+    def log_components(self, z: np.ndarray) -> np.ndarray:
+        """log N(z; c_j, S_j) / p(z) of every component j for one flat z (module doc)."""
+        along, around, beyond = self.spreads
+        n_along, n_around, n_beyond = self.counts
+        s, e, f = self.parts(z)
         return (
             n_along * (-0.5 * np.log(along) - (s - self.length) ** 2 / (2 * along) + s * s / 2)
             - 0.5 * n_around * np.log(around)
@@ -315,14 +318,8 @@ def _spreads(fit: UnionFit, z: np.ndarray, weights: np.ndarray, places: np.ndarr
     squares, numbers = np.zeros(3), np.zeros(3)
     n_along, n_around, n_beyond = fit.counts
     for row, w, j in zip(z, weights, places, strict=True):
-        flat = np.asarray(row, dtype=np.float64).ravel()
-        j = int(j)
-        near = flat[fit.index[j]]
-        s = float(near @ fit.units[j])
-        inner = float(np.where(fit.box[j], near * near, 0.0).sum())
-        squares += w * np.array(
-            [n_along[j] * (s - fit.length[j]) ** 2, inner - s * s, float(flat @ flat) - inner]
-        )
+        s, e, f = (part[int(j)] for part in fit.parts(row))
+        squares += w * np.array([n_along[j] * (s - fit.length[j]) ** 2, e, f])
         numbers += w * np.array([n_along[j], n_around[j], n_beyond[j]])
     spreads = np.divide(squares, numbers, out=np.ones(3), where=numbers > 0)
     return np.clip(spreads, SPREAD_MIN, SPREAD_MAX)
